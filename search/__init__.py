@@ -1,0 +1,30 @@
+"""Optuna side of hptune: job specs, studies, the trial runner and reports."""
+
+from search.report import build_report, counts, trial_to_dict
+from search.spec import JobSpec, metric_direction
+from search.study import (
+    TrialOutcome,
+    build_pruner,
+    build_sampler,
+    create_study,
+    explain_prune,
+    load_study,
+    run_trial,
+    study_name_for,
+)
+
+__all__ = [
+    "JobSpec",
+    "TrialOutcome",
+    "build_pruner",
+    "build_report",
+    "build_sampler",
+    "counts",
+    "create_study",
+    "explain_prune",
+    "load_study",
+    "metric_direction",
+    "run_trial",
+    "study_name_for",
+    "trial_to_dict",
+]

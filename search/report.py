@@ -1,0 +1,199 @@
+"""The early-stopped trial report, built from a job's study alone."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.spec import JobSpec
+from search.study import (
+    ATTR_BEST_EPOCH,
+    ATTR_STOP_REASON,
+    ATTR_STOPPED_EPOCH,
+    CANCELLED,
+    DIVERGED,
+    EARLY_STOPPED,
+    FAILED,
+    MAX_EPOCHS,
+    PRUNED,
+)
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# Trial user attributes that are bookkeeping rather than details of the stop.
+_NOT_DETAILS = {ATTR_STOP_REASON, ATTR_STOPPED_EPOCH, ATTR_BEST_EPOCH, "curves"}
+
+
+def _iso(dt: Any) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def _finite(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def stop_reason(trial: FrozenTrial) -> str | None:
+    """The recorded reason, or one inferred from the state for trials that never recorded one."""
+    reason = trial.user_attrs.get(ATTR_STOP_REASON)
+    if reason:
+        return reason
+    if trial.state == TrialState.FAIL:
+        return FAILED
+    if trial.state == TrialState.PRUNED:
+        return PRUNED
+    return None
+
+
+def trial_to_dict(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial as the REST API shows it."""
+    details = {k: _finite(v) for k, v in trial.user_attrs.items() if k not in _NOT_DETAILS}
+    retry_of = trial.system_attrs.get("failed_trial")
+    if retry_of is not None:
+        details["retry_of"] = retry_of
+        details["retry_history"] = trial.system_attrs.get("retry_history", [])
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": trial.params,
+        "value": _finite(trial.value) if trial.values else None,
+        "intermediate_values": {str(k): _finite(v) for k, v in trial.intermediate_values.items()},
+        "stop_reason": stop_reason(trial),
+        "stopped_epoch": trial.user_attrs.get(ATTR_STOPPED_EPOCH,
+                                              trial.last_step if trial.last_step else None),
+        "best_epoch": trial.user_attrs.get(ATTR_BEST_EPOCH),
+        "datetime_start": _iso(trial.datetime_start),
+        "datetime_complete": _iso(trial.datetime_complete),
+        "details": details,
+    }
+
+
+def counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials by state, under the names the job JSON uses."""
+    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
+    for t in trials:
+        key = {
+            TrialState.COMPLETE: "complete",
+            TrialState.PRUNED: "pruned",
+            TrialState.FAIL: "failed",
+            TrialState.RUNNING: "running",
+            TrialState.WAITING: "waiting",
+        }[t.state]
+        out[key] += 1
+    return out
+
+
+def reason_in_words(t: dict[str, Any]) -> str:
+    """One sentence on why a trial stopped where it did."""
+    d = t["details"]
+    reason = t["stop_reason"]
+    if reason == PRUNED:
+        where = f"rung {d['prune_rung']} (epoch {d.get('prune_step')})" if "prune_rung" in d \
+            else f"epoch {d.get('prune_step')}"
+        cut = d.get("prune_cutoff")
+        cut_txt = f" against a cut-off of {cut:.4f}" if isinstance(cut, int | float) else ""
+        peers = d.get("prune_n_peers")
+        peers_txt = f" among {peers} trials" if peers is not None else ""
+        val = d.get("prune_value")
+        val_txt = f"{val:.4f}" if isinstance(val, int | float) else "n/a"
+        return f"pruned by {d.get('pruner')} at {where}: value {val_txt}{cut_txt}{peers_txt}"
+    if reason == EARLY_STOPPED:
+        return (f"early-stopped: no improvement for {d.get('patience')} epochs after "
+                f"best epoch {t['best_epoch']}")
+    if reason == DIVERGED:
+        return f"diverged at epoch {d.get('diverged_epoch')} (loss {d.get('diverged_loss')})"
+    if reason == CANCELLED:
+        return "cancelled with its job"
+    if reason == FAILED:
+        err = d.get("error")
+        return "failed" + (f": {err}" if err else " (worker lost; retried)")
+    if reason == MAX_EPOCHS:
+        return "ran to max_epochs"
+    return str(reason)
+
+
+def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dict[str, Any]:
+    """Summary, best trial, every trial stopped before `max_epochs` and the compute it saved."""
+    trials = study.get_trials(deepcopy=False)
+    rows = [trial_to_dict(t) for t in trials]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    completed = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    best = None
+    if completed:
+        pick = max if maximize else min
+        best_row = pick(completed, key=lambda r: r["value"])
+        best = {
+            "number": best_row["number"],
+            "params": best_row["params"],
+            "value": best_row["value"],
+            "metric": spec.metric,
+            "best_epoch": best_row["best_epoch"],
+            "stopped_epoch": best_row["stopped_epoch"],
+            "stop_reason": best_row["stop_reason"],
+            "test_metrics": {k[5:]: v for k, v in best_row["details"].items()
+                             if k.startswith("test_")},
+        }
+
+    stopped = []
+    saved = {"pruned_epochs": 0, "early_stopped_epochs": 0,
+             "pruned_seconds": 0.0, "early_stopped_seconds": 0.0}
+    total_epochs = 0
+    full_seconds = 0.0
+    for r in rows:
+        epoch_s = float(r["details"].get("epoch_seconds") or 0.0)
+        trained = int(r["stopped_epoch"] or 0)
+        total_epochs += trained
+        if r["state"] in ("COMPLETE", "PRUNED"):
+            full_seconds += epoch_s * spec.max_epochs
+        if r["stop_reason"] in (None, MAX_EPOCHS):
+            continue
+        if r["state"] in ("RUNNING", "WAITING"):
+            continue
+        row = {
+            "number": r["number"],
+            "state": r["state"],
+            "params": r["params"],
+            "stop_reason": r["stop_reason"],
+            "stopped_epoch": r["stopped_epoch"],
+            "best_epoch": r["best_epoch"],
+            "value": r["value"],
+            "reason": reason_in_words(r),
+            "details": r["details"],
+        }
+        stopped.append(row)
+        not_trained = max(spec.max_epochs - trained, 0)
+        if r["stop_reason"] in (PRUNED, DIVERGED):
+            saved["pruned_epochs"] += not_trained
+            saved["pruned_seconds"] += not_trained * epoch_s
+        elif r["stop_reason"] == EARLY_STOPPED:
+            saved["early_stopped_epochs"] += not_trained
+            saved["early_stopped_seconds"] += not_trained * epoch_s
+
+    finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
+    full_epochs = spec.max_epochs * len(finished)
+    saved["full_budget_epochs"] = full_epochs
+    saved["full_budget_seconds"] = round(full_seconds, 3)
+    for kind in ("pruned", "early_stopped"):
+        saved[f"{kind}_seconds"] = round(saved[f"{kind}_seconds"], 3)
+        saved[f"{kind}_epochs_share"] = (
+            round(saved[f"{kind}_epochs"] / full_epochs, 4) if full_epochs else 0.0)
+        saved[f"{kind}_seconds_share"] = (
+            round(saved[f"{kind}_seconds"] / full_seconds, 4) if full_seconds else 0.0)
+
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
+    return {
+        "job": job,
+        "spec": spec.model_dump(mode="json"),
+        "counts": counts(trials),
+        "best_trial": best,
+        "wall_seconds": wall,
+        "total_epochs": total_epochs,
+        "compute_saved": saved,
+        "stopped_trials": stopped,
+    }

@@ -1,0 +1,151 @@
+"""The job spec: what a user asks the service to tune, validated field by field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# The four core dimensions every job searches unless the spec fixes them.
+CORE_PARAMS = ("learning_rate", "batch_size", "dropout", "weight_decay")
+
+SAMPLERS = ("random", "tpe")
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
+
+
+class _Strict(BaseModel):
+    # Unknown fields are a typo the user wants to hear about, not silently drop.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class FloatRange(_Strict):
+    """A continuous dimension: uniform, or log-uniform when `log` is true."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> FloatRange:
+        if self.low > self.high:
+            raise ValueError("low must be <= high")
+        if self.log and self.low <= 0:
+            raise ValueError("low must be > 0 on a log scale")
+        return self
+
+
+class IntChoices(_Strict):
+    """A categorical dimension over integers (batch sizes)."""
+
+    choices: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("choices must not repeat")
+        return v
+
+
+class Fixed(_Strict):
+    """A dimension held at one value."""
+
+    value: float
+
+
+class SearchSpace(_Strict):
+    """Bounds of the four core dimensions; each may be fixed instead of searched."""
+
+    learning_rate: FloatRange | Fixed = FloatRange(low=1e-4, high=0.3, log=True)
+    batch_size: IntChoices | Fixed = IntChoices(choices=[16, 32, 64, 128, 256])
+    dropout: FloatRange | Fixed = FloatRange(low=0.0, high=0.6)
+    weight_decay: FloatRange | Fixed = FloatRange(low=1e-6, high=1e-2, log=True)
+
+    @model_validator(mode="after")
+    def _check_values(self) -> SearchSpace:
+        if isinstance(self.learning_rate, FloatRange) and self.learning_rate.low <= 0:
+            raise ValueError("learning_rate.low must be > 0")
+        if isinstance(self.learning_rate, Fixed) and self.learning_rate.value <= 0:
+            raise ValueError("learning_rate.value must be > 0")
+        if isinstance(self.batch_size, Fixed) and (
+            self.batch_size.value < 1 or self.batch_size.value != int(self.batch_size.value)
+        ):
+            raise ValueError("batch_size.value must be a positive integer")
+        for name in ("dropout",):
+            dim = getattr(self, name)
+            lo, hi = (dim.value, dim.value) if isinstance(dim, Fixed) else (dim.low, dim.high)
+            if lo < 0 or hi >= 1:
+                raise ValueError(f"{name} must lie in [0, 1)")
+        wd = self.weight_decay
+        if (wd.value if isinstance(wd, Fixed) else wd.low) < 0:
+            raise ValueError("weight_decay must be >= 0")
+        return self
+
+
+class SamplerSpec(_Strict):
+    name: Literal["random", "tpe"] = "tpe"
+    seed: int | None = None
+    n_startup_trials: int = Field(default=8, ge=1, le=1000)
+
+
+class PrunerSpec(_Strict):
+    name: Literal["none", "median", "successive_halving", "hyperband"] = "hyperband"
+    # Epochs before any trial may be pruned.
+    min_resource: int = Field(default=1, ge=1)
+    reduction_factor: int = Field(default=3, ge=2, le=10)
+    # Median pruner: completed trials needed before pruning starts, and epochs to wait.
+    n_startup_trials: int = Field(default=5, ge=0)
+    n_warmup_steps: int = Field(default=2, ge=0)
+
+
+class EarlyStoppingSpec(_Strict):
+    patience: int | None = Field(default=5, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class ModelSpec(_Strict):
+    hidden_layers: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default=[128, 64], max_length=8
+    )
+    activation: Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"] = "relu"
+    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"] = (
+        "adam"
+    )
+
+
+class JobSpec(_Strict):
+    """A tuning job as submitted over REST or from a JSON file."""
+
+    name: str = Field(default="job", min_length=1, max_length=200)
+    # A bundled dataset name or the id of an uploaded one.
+    dataset: str | int = "digits"
+    n_trials: int = Field(default=20, ge=1, le=10_000)
+    max_epochs: int = Field(default=30, ge=1, le=1_000)
+    metric: Literal["val_accuracy", "val_loss", "val_rmse", "val_r2"] = "val_accuracy"
+    search_space: SearchSpace = SearchSpace()
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
+    model: ModelSpec = ModelSpec()
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_not_blank(cls, v: str | int) -> str | int:
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("dataset must not be empty")
+        return v
+
+    @property
+    def direction(self) -> str:
+        """`maximize` for accuracy and R^2, `minimize` for losses."""
+        return metric_direction(self.metric)
+
+
+def metric_direction(metric: str) -> str:
+    """The optimisation direction of a validation metric."""
+    return "maximize" if metric.endswith(("accuracy", "r2")) else "minimize"

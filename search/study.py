@@ -1,0 +1,307 @@
+"""Job spec -> Optuna study: samplers, pruners, search space and the trial runner."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
+
+from search.spec import Fixed, FloatRange, IntChoices, JobSpec
+from trainer import Dataset, TrainConfig, fit
+
+# Keys of the trial user attributes that explain an outcome; the report reads them back.
+ATTR_STOP_REASON = "stop_reason"
+ATTR_STOPPED_EPOCH = "stopped_epoch"
+ATTR_BEST_EPOCH = "best_epoch"
+
+# Stop reasons, as in the trial JSON of the REST API.
+MAX_EPOCHS = "max_epochs"
+EARLY_STOPPED = "early_stopped"
+PRUNED = "pruned"
+DIVERGED = "diverged"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study_name_for(job_id: int) -> str:
+    """The Optuna study that holds a job's trials."""
+    return f"job-{job_id}"
+
+
+def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; `seed_offset` keeps parallel workers from drawing the same points."""
+    base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
+    seed = (base * 1_000_003 + seed_offset) % (2**32)
+    if spec.sampler.name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=spec.sampler.n_startup_trials,
+        multivariate=True,
+        # Running trials count as "bad" so parallel workers spread out.
+        constant_liar=True,
+    )
+
+
+def build_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
+    """The spec's pruner, with rungs counted in epochs."""
+    p = spec.pruner
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    return optuna.pruners.HyperbandPruner(
+        min_resource=p.min_resource,
+        max_resource=spec.max_epochs,
+        reduction_factor=p.reduction_factor,
+    )
+
+
+def distributions(spec: JobSpec) -> dict[str, BaseDistribution]:
+    """The searched dimensions of the spec as Optuna distributions (fixed ones excluded)."""
+    out: dict[str, BaseDistribution] = {}
+    for name, dim in spec.search_space:
+        if isinstance(dim, FloatRange):
+            out[name] = FloatDistribution(dim.low, dim.high, log=dim.log)
+        elif isinstance(dim, IntChoices):
+            out[name] = CategoricalDistribution(dim.choices)
+    return out
+
+
+def fixed_params(spec: JobSpec) -> dict[str, float]:
+    """The dimensions the spec holds constant."""
+    return {name: dim.value for name, dim in spec.search_space if isinstance(dim, Fixed)}
+
+
+def train_config(spec: JobSpec, params: dict[str, Any]) -> TrainConfig:
+    """The trainer config for one trial: sampled params, fixed params and the spec's model."""
+    values = {**fixed_params(spec), **params}
+    return TrainConfig(
+        hidden_layers=tuple(spec.model.hidden_layers),
+        activation=spec.model.activation,
+        optimizer=spec.model.optimizer,
+        learning_rate=float(values["learning_rate"]),
+        batch_size=int(values["batch_size"]),
+        dropout=float(values["dropout"]),
+        weight_decay=float(values["weight_decay"]),
+        max_epochs=spec.max_epochs,
+        patience=spec.early_stopping.patience,
+        min_delta=spec.early_stopping.min_delta,
+        monitor=spec.metric,
+        seed=spec.seed,
+    )
+
+
+def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
+                 attrs: dict[str, Any]) -> optuna.Study:
+    """Create the job's study with its spec and settings as user attributes."""
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction=spec.direction,
+        load_if_exists=True,
+    )
+    study.set_user_attr("spec", spec.model_dump(mode="json"))
+    study.set_user_attr("sampler", spec.sampler.model_dump(mode="json"))
+    study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def load_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
+               seed_offset: int = 0) -> optuna.Study:
+    """Open a job's study with the sampler and pruner its spec asks for."""
+    return optuna.load_study(
+        study_name=name,
+        storage=storage,
+        sampler=build_sampler(spec, seed_offset),
+        pruner=build_pruner(spec),
+    )
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one trial ended."""
+
+    number: int
+    state: TrialState
+    stop_reason: str
+    value: float | None
+
+
+def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int) -> dict[str, Any]:
+    """Why the pruner stopped `trial` at `step`: its value, the cut-off and the peer count."""
+    pruner = study.pruner
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    value = trial.intermediate_values.get(step, math.nan)
+    info: dict[str, Any] = {"pruner": _pruner_name(pruner), "prune_step": step,
+                            "prune_value": value}
+    if isinstance(pruner, optuna.pruners.PercentilePruner):
+        # The median pruner compares the trial's best-so-far with the completed trials'
+        # median at the same step.
+        values = list(trial.intermediate_values.values())
+        best = float(np.nanmax(values) if maximize else np.nanmin(values))
+        peers = [
+            t.intermediate_values[step]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if step in t.intermediate_values
+        ]
+        info.update(prune_value=best, prune_n_peers=len(peers))
+        if peers:
+            info["prune_cutoff"] = float(np.nanmedian(peers))
+        return info
+    if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner):
+        rungs = sorted(
+            int(k.rsplit("_", 1)[1]) for k in trial.system_attrs if k.startswith("completed_rung_")
+        )
+        if not rungs:
+            return info
+        rung = rungs[-1]
+        key = f"completed_rung_{rung}"
+        peers_trials = study.get_trials(deepcopy=False)
+        if isinstance(pruner, optuna.pruners.HyperbandPruner):
+            # Hyperband compares a trial only with the trials of its own bracket.
+            bracket = pruner._get_bracket_id(study, trial)
+            peers_trials = [t for t in peers_trials if pruner._get_bracket_id(study, t) == bracket]
+            info["prune_bracket"] = bracket
+        competing = sorted(float(t.system_attrs[key]) for t in peers_trials
+                           if key in t.system_attrs)
+        idx = max(len(competing) // pruner._reduction_factor - 1, 0)
+        cutoff = competing[-(idx + 1)] if maximize else competing[idx]
+        info.update(prune_rung=rung, prune_value=float(trial.system_attrs[key]),
+                    prune_cutoff=cutoff, prune_n_peers=len(competing))
+    return info
+
+
+def _pruner_name(pruner: optuna.pruners.BasePruner) -> str:
+    names = {
+        optuna.pruners.MedianPruner: "median",
+        optuna.pruners.SuccessiveHalvingPruner: "successive_halving",
+        optuna.pruners.HyperbandPruner: "hyperband",
+        optuna.pruners.NopPruner: "none",
+    }
+    return names.get(type(pruner), type(pruner).__name__)
+
+
+def run_trial(
+    study: optuna.Study,
+    spec: JobSpec,
+    data: Dataset,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_started: Callable[[optuna.Trial], None] = lambda trial: None,
+) -> TrialOutcome:
+    """Ask the study for one trial, train it epoch by epoch and tell the outcome with its reason.
+
+    `should_stop` is polled once per epoch; when it answers true the trial ends as FAIL with
+    reason `cancelled`. Exceptions from training propagate after the trial is told FAIL.
+    """
+    trial = study.ask(fixed_distributions=distributions(spec))
+    on_started(trial)
+    config = train_config(spec, trial.params)
+    for key, value in fixed_params(spec).items():
+        trial.set_user_attr(f"fixed_{key}", value)
+    pruned_at: list[int] = []
+    cancelled: list[bool] = []
+    started = time.perf_counter()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        value = float(metrics[spec.metric])
+        if not math.isfinite(value):
+            return False  # the trainer itself stops diverged runs
+        trial.report(value, epoch)
+        if should_stop():
+            cancelled.append(True)
+            return True
+        if trial.should_prune():
+            pruned_at.append(epoch)
+            return True
+        return False
+
+    try:
+        result = fit(config, data, on_epoch=on_epoch)
+    except BaseException as exc:
+        trial.set_user_attr(ATTR_STOP_REASON, FAILED)
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+
+    elapsed = time.perf_counter() - started
+    attrs: dict[str, Any] = {
+        ATTR_STOPPED_EPOCH: result.stopped_epoch,
+        ATTR_BEST_EPOCH: result.best_epoch,
+        "train_seconds": round(elapsed, 4),
+        "epoch_seconds": round(elapsed / max(result.stopped_epoch, 1), 5),
+        "best_value": _finite_or_none(result.best_value),
+        "curves": _curves(result.history),
+    }
+    for key, value in result.test_metrics.items():
+        attrs[f"test_{key}"] = _finite_or_none(value)
+
+    if cancelled:
+        reason, state = CANCELLED, TrialState.FAIL
+    elif pruned_at:
+        reason, state = PRUNED, TrialState.PRUNED
+        frozen = study._storage.get_trial(trial._trial_id)
+        attrs.update(explain_prune(study, frozen, pruned_at[0]))
+    elif result.stop_reason == "diverged":
+        reason, state = DIVERGED, TrialState.PRUNED
+        attrs["diverged_epoch"] = result.stopped_epoch
+        attrs["diverged_loss"] = str(result.diverged_loss)
+    elif result.stop_reason == "early_stopped":
+        reason, state = EARLY_STOPPED, TrialState.COMPLETE
+        attrs["patience"] = spec.early_stopping.patience
+        attrs["min_delta"] = spec.early_stopping.min_delta
+    else:
+        reason, state = MAX_EPOCHS, TrialState.COMPLETE
+    attrs[ATTR_STOP_REASON] = reason
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+    value = _finite_or_none(result.best_value)
+    if state == TrialState.COMPLETE and value is not None:
+        study.tell(trial, value)
+    elif state == TrialState.COMPLETE:
+        state = TrialState.PRUNED
+        study.tell(trial, state=state)
+    else:
+        study.tell(trial, state=state)
+    return TrialOutcome(trial.number, state, reason, value)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _curves(history: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """Per-epoch metrics as compact columns for learning-curve plots."""
+    keys = [k for k in (history[0] if history else {}) if k not in ("epoch",)]
+    return {k: [_round(h.get(k)) for h in history] for k in keys}
+
+
+def _round(v: float | None) -> float | None:
+    v = _finite_or_none(v)
+    return None if v is None else round(v, 6)

@@ -1,0 +1,1 @@
+"""The hptune service: REST API, database, workers and CLI."""

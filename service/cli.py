@@ -1,0 +1,354 @@
+"""The `hptune` command line: run the service, manage keys, submit and follow jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from service.client import ApiError, Client, print_report, watch
+
+app = typer.Typer(help="hptune: hyperparameter tuning jobs over REST.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+console = Console()
+err = Console(stderr=True)
+
+# Seconds a worker gets to finish its epoch and hand back its trial after SIGTERM.
+WORKER_STOP_TIMEOUT_S = 30
+
+UrlOpt = Annotated[str, typer.Option(envvar="HPTUNE_URL", help="API base URL.")]
+KeyOpt = Annotated[str | None, typer.Option(envvar="HPTUNE_API_KEY", help="API key.")]
+
+DEMO_SPEC = {
+    "name": "digits-demo",
+    "dataset": "digits",
+    "n_trials": 20,
+    "max_epochs": 30,
+    "metric": "val_accuracy",
+    "search_space": {
+        "learning_rate": {"low": 1e-4, "high": 0.3, "log": True},
+        "batch_size": {"choices": [16, 32, 64, 128, 256]},
+        "dropout": {"low": 0.0, "high": 0.6},
+        "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+    },
+    "sampler": {"name": "tpe", "seed": 0},
+    "pruner": {"name": "hyperband"},
+    "early_stopping": {"patience": 5, "min_delta": 0.0},
+    "model": {"hidden_layers": [128, 64], "activation": "relu", "optimizer": "adam"},
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("HPTUNE_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for e in exc.errors():
+            err.print(f"[red]bad setting HPTUNE_{'_'.join(map(str, e['loc'])).upper()}: "
+                      f"{e['msg']}")
+        raise typer.Exit(2) from None
+
+
+def _client(url: str, key: str | None) -> Client:
+    if not key:
+        err.print("[red]no API key: pass --key or set HPTUNE_API_KEY "
+                  "(create one with `hptune keys create --owner NAME`)")
+        raise typer.Exit(2)
+    return Client(url, key)
+
+
+def _api_call(fn, *args):
+    try:
+        return fn(*args)
+    except ApiError as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    except Exception as exc:  # connection refused and friends: say so without a traceback
+        err.print(f"[red]cannot reach the API: {exc}")
+        raise typer.Exit(1) from None
+
+
+def _spawn_workers(n: int, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-m", "service", "worker"], env=env)
+            for _ in range(n)]
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(min=0, help="Worker processes to run beside the API.")
+                       ] = 2,
+) -> None:
+    """Run the API with N embedded worker processes."""
+    import uvicorn
+
+    from service.api import create_app
+    from service.jobs import open_database
+    from service.migrate import upgrade
+
+    _setup_logging()
+    settings = _settings()
+    db = open_database(settings)
+    upgrade(db)
+    procs = _spawn_workers(workers)
+    try:
+        uvicorn.run(create_app(settings, db), host=host, port=port, log_level="warning")
+    finally:
+        _stop_workers(procs)
+
+
+@app.command()
+def worker() -> None:
+    """Run one standalone worker (start as many as you have cores, on any machine)."""
+    from service.worker import run_worker
+
+    _setup_logging()
+    run_worker(_settings())
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the service's tables and Optuna's."""
+    from service.jobs import open_database
+    from service.migrate import upgrade
+
+    db = open_database(_settings())
+    upgrade(db)
+    console.print("database is up to date")
+
+
+@keys_app.command("create")
+def keys_create(
+    owner: Annotated[str, typer.Option(help="Who the key belongs to.")],
+    admin: Annotated[bool, typer.Option("--admin", help="Sees every owner's jobs.")] = False,
+) -> None:
+    """Create an API key; the key is printed once, alone on the last line."""
+    from service.jobs import open_database
+    from service.keys import create_key
+    from service.migrate import upgrade
+
+    db = open_database(_settings())
+    upgrade(db)
+    with db.session() as s:
+        row, secret = create_key(s, owner, admin)
+        key_id = row.id
+    err.print(f"created key {key_id} for {owner}{' (admin)' if admin else ''}; "
+              "store it now, it is not shown again:")
+    print(secret)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys without their secrets."""
+    from service.jobs import open_database
+    from service.keys import list_keys
+
+    db = open_database(_settings())
+    with db.session() as s:
+        for k in list_keys(s):
+            state = "revoked" if k.revoked_at else "active"
+            console.print(f"{k.id}\t{k.owner}\t{k.prefix}…\t{'admin' if k.is_admin else 'user'}"
+                          f"\t{state}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="Key id from `keys list`.")]) -> None:
+    """Revoke a key; requests with it get 401 from then on."""
+    from service.errors import NotFound
+    from service.jobs import open_database
+    from service.keys import revoke_key
+
+    db = open_database(_settings())
+    try:
+        with db.session() as s:
+            revoke_key(s, key_id)
+    except NotFound as exc:
+        err.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"revoked key {key_id}")
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Job spec JSON.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = None,
+    watch_: Annotated[bool, typer.Option("--watch", help="Follow progress, then report.")
+                      ] = False,
+) -> None:
+    """Submit a job spec; prints the job id."""
+    try:
+        spec = json.loads(file.read_text())
+    except ValueError as exc:
+        err.print(f"[red]{file} is not valid JSON: {exc}")
+        raise typer.Exit(2) from None
+    client = _client(url, key)
+    job = _api_call(client.submit, spec)
+    console.print(f"submitted job {job['id']} ({job['name']}): {job['n_trials']} trials")
+    if watch_:
+        _api_call(watch, client, job["id"], console)
+        print_report(_api_call(client.report, job["id"]), console)
+
+
+@app.command("jobs")
+def list_jobs(url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None) -> None:
+    """List your jobs."""
+    from rich.table import Table
+
+    body = _api_call(_client(url, key).jobs)
+    t = Table(title=f"{body['count']} jobs")
+    for col in ("id", "name", "status", "finished", "pruned", "failed", "best"):
+        t.add_column(col)
+    for j in body["data"]:
+        best = j["best_value"]
+        t.add_row(str(j["id"]), j["name"], j["status"], f"{j['finished']}/{j['n_trials']}",
+                  str(j["counts"]["pruned"]), str(j["counts"]["failed"]),
+                  f"{best:.4f}" if best is not None else "-")
+    console.print(t)
+
+
+@app.command("watch")
+def watch_job(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None) -> None:
+    """Follow a job with a progress bar until it ends."""
+    job = _api_call(watch, _client(url, key), job_id, console)
+    console.print(f"job {job_id} {job['status']}")
+
+
+@app.command()
+def report(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False) -> None:
+    """Print the early-stopped trial report of a job."""
+    body = _api_call(_client(url, key).report, job_id)
+    if as_json:
+        print(json.dumps(body, indent=2))
+    else:
+        print_report(body, console)
+
+
+@app.command()
+def cancel(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None) -> None:
+    """Cancel a job."""
+    job = _api_call(_client(url, key).cancel, job_id)
+    console.print(f"job {job_id} {job['status']}")
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the service's database: every job is a study `job-<id>`."""
+    import optuna_dashboard
+
+    from service.jobs import open_database
+
+    db = open_database(_settings())
+    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard/")
+    optuna_dashboard.run_server(db.storage, host=host, port=port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the demo's database and logs go.")
+                       ] = Path("hptune-demo"),
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep the server up afterwards.")
+                    ] = False,
+) -> None:
+    """Start the service on a fresh SQLite file, run a 20-trial digits job, print its report."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    db_path = (workdir / "hptune.db").resolve()
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    env = {**os.environ, "HPTUNE_DATABASE_URL": f"sqlite:///{db_path}"}
+    spec_path = workdir / "job.json"
+    spec_path.write_text(json.dumps(DEMO_SPEC, indent=2))
+    key = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--owner", "demo"],
+                         env=env, check=True, capture_output=True, text=True
+                         ).stdout.strip().splitlines()[-1]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = workdir / "serve.log"
+    console.print(f"starting hptune on {url} with {workers} workers (log: {log_path})")
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port),
+             "--workers", str(workers)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        client = Client(url, key)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.http.get("/healthz").status_code == 200:
+                    break
+            except Exception:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                err.print(f"[red]the server did not start; see {log_path}")
+                raise typer.Exit(1)
+            time.sleep(0.3)
+        job = _api_call(client.submit, DEMO_SPEC)
+        console.print(f"submitted job {job['id']}: {DEMO_SPEC['n_trials']} trials of "
+                      f"{DEMO_SPEC['dataset']} (TPE sampler, Hyperband pruner, patience 5)")
+        _api_call(watch, client, job["id"], console)
+        print_report(_api_call(client.report, job["id"]), console)
+        console.print(f"\nAPI docs: [bold]{url}/docs[/]   job JSON: {url}/api/v1/jobs/{job['id']}")
+        if keep:
+            console.print(f"serving until Ctrl-C; API key: {key}")
+            server.wait()
+        else:
+            console.print("(the demo server stops now; `hptune demo --keep` keeps it up)")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=WORKER_STOP_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+if __name__ == "__main__":
+    app()

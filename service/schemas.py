@@ -1,0 +1,68 @@
+"""Response schemas of the REST API (request bodies are search.JobSpec)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class TrialCounts(BaseModel):
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    waiting: int
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str
+    owner: str
+    status: str
+    n_trials: int
+    counts: TrialCounts
+    finished: int
+    best_value: float | None
+    metric: str | None
+    study_name: str | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class TrialPublic(BaseModel):
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None
+    intermediate_values: dict[str, float | None]
+    stop_reason: str | None
+    stopped_epoch: int | None
+    best_epoch: int | None
+    datetime_start: str | None
+    datetime_complete: str | None
+    details: dict[str, Any]
+
+
+class TrialsPublic(BaseModel):
+    data: list[TrialPublic]
+    count: int
+
+
+class ErrorItem(BaseModel):
+    field: str | None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    detail: str
+    errors: list[ErrorItem] = []

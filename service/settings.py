@@ -1,0 +1,56 @@
+"""One Settings object, read from the environment (prefix HPTUNE_), validated at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_database_url() -> str:
+    return f"sqlite:///{Path.cwd() / 'hptune.db'}"
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field is `HPTUNE_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="HPTUNE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    # Any SQLAlchemy URL; holds both the service's and Optuna's tables.
+    database_url: str = Field(default_factory=_default_database_url)
+    # Optuna heartbeats on running trials (seconds): a trial whose worker is silent for
+    # grace_period is failed and retried.
+    heartbeat_interval: int = Field(default=5, ge=1)
+    grace_period: int = Field(default=20, ge=2)
+    # Times a crashed trial's parameters are retried before the slot goes to a new sample.
+    max_trial_retries: int = Field(default=2, ge=0)
+    # Seconds an idle worker waits between looks for work.
+    poll_interval: float = Field(default=0.5, gt=0)
+    # SQLAlchemy pool per process (PostgreSQL; SQLite uses its own defaults).
+    pool_size: int = Field(default=5, ge=1)
+    max_overflow: int = Field(default=5, ge=0)
+    # Bounds that job specs must respect.
+    max_trials_per_job: int = Field(default=10_000, ge=1)
+    max_epochs_per_trial: int = Field(default=1_000, ge=1)
+
+    @model_validator(mode="after")
+    def _safe_for_production(self) -> Settings:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError("HPTUNE_GRACE_PERIOD must be greater than HPTUNE_HEARTBEAT_INTERVAL")
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("HPTUNE_DATABASE_URL must be PostgreSQL when environment=production")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,108 @@
+"""Fixtures shared by every suite: free ports, a real `hptune serve` process, API keys."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hptune(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120
+           ) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "service", *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def create_key(env: dict[str, str], owner: str, admin: bool = False) -> str:
+    args = ["keys", "create", "--owner", owner] + (["--admin"] if admin else [])
+    return hptune(*args, env=env).stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Server:
+    """A running `hptune serve` process on loopback."""
+
+    url: str
+    env: dict[str, str]
+    proc: subprocess.Popen
+    log_path: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def client(self, owner: str = "alice") -> httpx.Client:
+        if owner not in self.keys:
+            self.keys[owner] = create_key(self.env, owner)
+        return httpx.Client(base_url=self.url, timeout=30,
+                            headers={"Authorization": f"Bearer {self.keys[owner]}"})
+
+    def wait_job(self, client: httpx.Client, job_id: int, timeout_s: float = 300) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = client.get(f"/api/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} did not finish; server log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:]
+
+
+def start_server(tmp: Path, database_url: str | None = None, workers: int = 2,
+                 extra_env: dict[str, str] | None = None) -> Server:
+    env = {**os.environ,
+           "HPTUNE_DATABASE_URL": database_url or f"sqlite:///{tmp / 'hptune.db'}",
+           "HPTUNE_HEARTBEAT_INTERVAL": "1", "HPTUNE_GRACE_PERIOD": "4",
+           **(extra_env or {})}
+    port = free_port()
+    log_path = tmp / f"serve-{port}.log"
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "serve", "--port", str(port),
+             "--workers", str(workers)], env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hptune serve exited:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return Server(url, env, proc, log_path)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"hptune serve did not answer:\n{log_path.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[Server]:
+    """One `hptune serve --workers 2` on a fresh SQLite file for the whole session."""
+    srv = start_server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    stop_server(srv)

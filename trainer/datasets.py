@@ -1,0 +1,349 @@
+"""Datasets: bundled scikit-learn tables, offline MNIST-1D, a synthetic regression set, and
+caller-supplied arrays. Every split is deterministic for a given seed and standardised with
+the training split's statistics.
+
+scikit-learn is imported lazily inside the loaders only to read its bundled files.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DATASETS = ("digits", "breast_cancer", "wine", "iris", "mnist1d", "regression")
+SPLIT = (0.70, 0.15, 0.15)  # train / validation / test fractions for from_arrays and sklearn sets
+MIN_ROWS = 10  # fewest rows from_arrays accepts (each split needs at least one)
+MAX_CLASSES_INFERRED = 50  # integer targets with more distinct values are treated as regression
+MNIST1D_SEED = 42  # generator seed of the MNIST-1D samples (the split seed is separate)
+MNIST1D_TEST_ROWS = 1000
+MNIST1D_VAL_FRACTION = 0.15  # of the 4000 non-test rows
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Standardised train/validation/test arrays.
+
+    X arrays are float32 (rows, n_features). y is int64 class ids 0..n_classes-1 for
+    "multiclass" and "binary" tasks and float32 for "regression". n_classes is the number of
+    classes (2 for binary, whose network has a single sigmoid output unit) and 1 for
+    regression.
+    """
+
+    name: str
+    task: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+    # Original labels of class ids 0..n_classes-1 (None for regression).
+    classes: np.ndarray | None = None
+    # Train-split statistics used to standardise the features (apply to new rows).
+    feature_mean: np.ndarray | None = field(default=None, repr=False)
+    feature_std: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def n_features(self) -> int:
+        """Number of input columns."""
+        return int(self.X_train.shape[1])
+
+    def sizes(self) -> dict[str, int]:
+        """Rows per split."""
+        return {"train": len(self.X_train), "val": len(self.X_val), "test": len(self.X_test)}
+
+
+def load_dataset(name: str, seed: int = 0) -> Dataset:
+    """Load a named dataset (see DATASETS) split with `seed`."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if name == "mnist1d":
+        return _mnist1d(seed)
+    if name == "regression":
+        X, y = _regression_data()
+        return from_arrays(X, y, seed=seed, name=name, task="regression")
+    X, y = _sklearn_data(name)
+    return from_arrays(X, y, seed=seed, name=name, task="binary" if name == "breast_cancer"
+                       else "multiclass")
+
+
+def from_arrays(
+    X: np.ndarray, y: np.ndarray, seed: int = 0, name: str = "arrays", task: str | None = None
+) -> Dataset:
+    """Split caller-supplied (X, y) 70/15/15 (stratified for classification) and standardise.
+
+    task None infers it: integer-valued (or non-numeric) y with at most 50 distinct values
+    is classification ("binary" with 2 classes, else "multiclass"); anything else regression.
+    """
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (rows, features), got shape {X.shape}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f"y must be 1-D (one target per row), got shape {y.shape}")
+    if len(X) != len(y):
+        raise ValueError(f"X and y have different numbers of rows: {len(X)} != {len(y)}")
+    if X.shape[1] == 0:
+        raise ValueError("X has no feature columns")
+    if len(X) < MIN_ROWS:
+        raise ValueError(
+            f"need at least {MIN_ROWS} rows to split into train/validation/test, got {len(X)}"
+        )
+    try:
+        X = X.astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"X must be numeric: {exc}") from None
+    if not np.isfinite(X).all():
+        raise ValueError("X contains NaN or infinite values")
+    if task is None:
+        task = _infer_task(y)
+    if task not in ("multiclass", "binary", "regression"):
+        raise ValueError(f"task must be multiclass, binary, regression or None; got {task!r}")
+
+    rng = np.random.default_rng(seed)
+    if task == "regression":
+        try:
+            y = y.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("regression targets y must be numeric") from None
+        if not np.isfinite(y).all():
+            raise ValueError("y contains NaN or infinite values")
+        classes = None
+        n_classes = 1
+        train, val, test = _random_split(len(y), rng)
+        y_out = y.astype(np.float32)
+    else:
+        classes, ids = np.unique(y, return_inverse=True)
+        n_classes = len(classes)
+        if n_classes < 2:
+            raise ValueError(f"classification needs at least 2 classes, y has only {classes!r}")
+        if task == "binary" and n_classes != 2:
+            raise ValueError(f"task 'binary' needs exactly 2 classes, y has {n_classes}")
+        train, val, test = _stratified_split(ids, rng)
+        y_out = ids.astype(np.int64)
+    for split, rows in (("train", train), ("validation", val), ("test", test)):
+        if len(rows) == 0:
+            raise ValueError(f"too few rows ({len(X)}) for a non-empty {split} split")
+    mean, std = _standardiser(X[train])
+    return Dataset(
+        name=name,
+        task=task,
+        X_train=_apply(X[train], mean, std),
+        y_train=y_out[train],
+        X_val=_apply(X[val], mean, std),
+        y_val=y_out[val],
+        X_test=_apply(X[test], mean, std),
+        y_test=y_out[test],
+        n_classes=n_classes,
+        classes=classes,
+        feature_mean=mean.astype(np.float32),
+        feature_std=std.astype(np.float32),
+    )
+
+
+def _infer_task(y: np.ndarray) -> str:
+    if y.dtype.kind in "biu" or y.dtype.kind in "OUS":
+        integer_valued = True
+    elif y.dtype.kind == "f":
+        integer_valued = bool(np.isfinite(y).all() and (y == np.round(y)).all())
+    else:
+        integer_valued = False
+    n_distinct = len(np.unique(y))
+    if integer_valued and n_distinct <= MAX_CLASSES_INFERRED:
+        return "binary" if n_distinct == 2 else "multiclass"
+    if y.dtype.kind in "OUS":
+        raise ValueError(f"y has {n_distinct} distinct non-numeric labels; too many classes")
+    return "regression"
+
+
+def _random_split(n: int, rng: np.random.Generator):
+    perm = rng.permutation(n)
+    n_val = max(1, round(SPLIT[1] * n))
+    n_test = max(1, round(SPLIT[2] * n))
+    n_train = n - n_val - n_test
+    return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val]), np.sort(
+        perm[n_train + n_val :]
+    )
+
+
+def _stratified_split(ids: np.ndarray, rng: np.random.Generator):
+    """Per class: shuffle, then 70/15/15 with the val/test shares rounded (train gets the rest)."""
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in range(int(ids.max()) + 1):
+        rows = np.flatnonzero(ids == c)
+        rows = rows[rng.permutation(len(rows))]
+        n_val = int(math.floor(SPLIT[1] * len(rows) + 0.5))
+        n_test = int(math.floor(SPLIT[2] * len(rows) + 0.5))
+        if len(rows) - n_val - n_test < 1:  # keep every class in the training split
+            n_val = n_test = 0
+        n_train = len(rows) - n_val - n_test
+        parts[0].append(rows[:n_train])
+        parts[1].append(rows[n_train : n_train + n_val])
+        parts[2].append(rows[n_train + n_val :])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
+
+
+def _standardiser(X_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = X_train.mean(axis=0)
+    std = X_train.std(axis=0)
+    # Constant columns would divide by zero: leave them centred at 0 with scale 1.
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return mean, std
+
+
+def _apply(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((X - mean) / std, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------- bundled sets
+
+
+@functools.cache
+def _sklearn_data(name: str) -> tuple[np.ndarray, np.ndarray]:
+    import sklearn.datasets  # lazy: only to read the files bundled with scikit-learn
+
+    loader = getattr(sklearn.datasets, f"load_{name}")
+    bunch = loader()
+    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+
+
+@functools.cache
+def _regression_data(n: int = 3000, n_features: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed smooth nonlinear function of 10 Gaussian features plus noise (R^2 ceiling ~0.96)."""
+    rng = np.random.default_rng(20240601)
+    X = rng.standard_normal((n, n_features))
+    f = (
+        1.5 * np.sin(X[:, 0])
+        + X[:, 1] * X[:, 2]
+        + 0.5 * X[:, 3] ** 2
+        + np.tanh(X[:, 4] + X[:, 5])
+        + 0.8 * X[:, 6]
+        - 0.6 * X[:, 7]
+        + 0.3 * np.abs(X[:, 8])
+    )
+    f = (f - f.mean()) / f.std()
+    y = f + 0.2 * rng.standard_normal(n)
+    return X, y
+
+
+# ---------------------------------------------------------------------- MNIST-1D
+
+# Greydanus (2020), "Scaling down deep learning": ten hand-drawn 1-D digit templates.
+_MNIST1D_TEMPLATES = (
+    (5, 6, 6.5, 6.75, 7, 7, 7, 7, 6.75, 6.5, 6, 5),
+    (5, 3, 3, 3.4, 3.8, 4.2, 4.6, 5, 5.4, 5.8, 5, 5),
+    (5, 6, 6.5, 6.5, 6, 5.25, 4.75, 4, 3.5, 3.5, 4, 5),
+    (5, 6, 6.5, 6.5, 6, 5, 5, 6, 6.5, 6.5, 6, 5),
+    (5, 4.4, 3.8, 3.2, 2.6, 2.6, 5, 5, 5, 5, 5, 5),
+    (5, 3, 3, 3, 3, 5, 6, 6.5, 6.5, 6, 4.5, 5),
+    (5, 4, 3.5, 3.25, 3, 3, 3, 3, 3.25, 3.5, 4, 5),
+    (5, 7, 7, 6.6, 6.2, 5.8, 5.4, 5, 4.6, 4.2, 5, 5),
+    (5, 4, 3.5, 3.5, 4, 5, 5, 4, 3.5, 3.5, 4, 5),
+    (5, 4, 3.5, 3.5, 4, 5, 5, 5, 5, 4.7, 4.3, 5),
+)
+_MNIST1D_ARGS = {
+    "num_samples": 5000,
+    "template_len": 12,
+    "padding": (36, 60),
+    "scale_coeff": 0.4,
+    "max_translation": 48,
+    "corr_noise_scale": 0.25,
+    "iid_noise_scale": 2e-2,
+    "shear_scale": 0.75,
+    "final_seq_length": 40,
+}
+
+
+def mnist1d_templates() -> np.ndarray:
+    """The 10 templates, whitened, starting at 0 and scaled by 1/6 as in the reference."""
+    x = np.asarray(_MNIST1D_TEMPLATES, dtype=np.float64)
+    x = x - x.mean(axis=1, keepdims=True)
+    x = x / x.std(axis=1, keepdims=True)
+    x = x - x[:, :1]
+    return x / 6.0
+
+
+def _interpolate(x: np.ndarray, n: int) -> np.ndarray:
+    return np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, len(x)), x)
+
+
+def _gaussian_filter1d(x: np.ndarray, sigma: float) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter1d with its defaults (mode "reflect", truncate 4)."""
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(x, radius, mode="symmetric")
+    return np.convolve(padded, kernel, mode="valid")
+
+
+@functools.cache
+def mnist1d_arrays(seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Generate the 5000 MNIST-1D samples (40 points each) and labels; cached per process.
+
+    Follows the reference generator: pad with 36-60 zeros, stretch to 72 points, scale,
+    circularly translate, fill the background with correlated noise, add iid noise, shear,
+    subsample to 40 points; then shuffle rows and standardise globally.
+    """
+    a = _MNIST1D_ARGS
+    rng = np.random.default_rng(seed)
+    templates = mnist1d_templates()
+    per_class = a["num_samples"] // len(templates)
+    length = a["template_len"] + a["padding"][1]
+    low, high = a["padding"]
+    xs = np.empty((per_class * len(templates), a["final_seq_length"]))
+    ys = np.repeat(np.arange(len(templates)), per_class)
+    for row, label in enumerate(ys):
+        x = templates[label] + 1e-8
+        pad = low + int(rng.random() * (high - low + 1))
+        x = _interpolate(np.concatenate([x, np.zeros(pad)]), length)
+        x = x * (1.0 + a["scale_coeff"] * (rng.random() - 0.5))
+        x = np.roll(x, int(rng.integers(a["max_translation"])))
+        background = x == 0
+        corr = _gaussian_filter1d(a["corr_noise_scale"] * rng.standard_normal(length), 2.0)
+        x = np.where(background, corr, x)
+        x = x + a["iid_noise_scale"] * rng.standard_normal(length)
+        x = x - a["shear_scale"] * (rng.random() - 0.5) * np.linspace(-0.5, 0.5, length)
+        xs[row] = _interpolate(x, a["final_seq_length"])
+    order = rng.permutation(len(ys))
+    xs, ys = xs[order], ys[order]
+    xs = (xs - xs.mean()) / xs.std()
+    return xs, ys.astype(np.int64)
+
+
+def _mnist1d(seed: int) -> Dataset:
+    """4000 rows split into train/validation by `seed` (stratified), fixed 1000-row test set."""
+    X, y = mnist1d_arrays()
+    n_test = MNIST1D_TEST_ROWS
+    X_rest, y_rest, X_test, y_test = X[:-n_test], y[:-n_test], X[-n_test:], y[-n_test:]
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for c in range(10):
+        rows = np.flatnonzero(y_rest == c)
+        rows = rows[rng.permutation(len(rows))]
+        n_val = int(round(MNIST1D_VAL_FRACTION * len(rows)))
+        val_parts.append(rows[:n_val])
+        train_parts.append(rows[n_val:])
+    train = np.sort(np.concatenate(train_parts))
+    val = np.sort(np.concatenate(val_parts))
+    mean, std = _standardiser(X_rest[train])
+    return Dataset(
+        name="mnist1d",
+        task="multiclass",
+        X_train=_apply(X_rest[train], mean, std),
+        y_train=y_rest[train],
+        X_val=_apply(X_rest[val], mean, std),
+        y_val=y_rest[val],
+        X_test=_apply(X_test, mean, std),
+        y_test=y_test,
+        n_classes=10,
+        classes=np.arange(10),
+        feature_mean=mean.astype(np.float32),
+        feature_std=std.astype(np.float32),
+    )

@@ -1,0 +1,287 @@
+"""The training loop: minibatch epochs, validation, early stopping, divergence detection."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from trainer.config import TrainConfig, metric_mode
+from trainer.datasets import Dataset
+from trainer.network import MLP, output_units
+from trainer.optimizers import make_optimizer
+from trainer.schedules import lr_at
+
+# A batch loss that is not finite, or larger than this factor times max(1, first batch
+# loss of the run), means the run diverged; it stops at that step.
+DIVERGENCE_FACTOR = 1e6
+# Dropout masks and input noise are drawn for this many values at a time (whole batches),
+# which keeps the random-number calls per step at zero for small batches.
+NOISE_BLOCK_VALUES = 1 << 21
+
+STOP_REASONS = ("max_epochs", "early_stopped", "pruned", "diverged")
+
+EpochCallback = Callable[[int, dict[str, float]], Any]
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `fit`; history rows are also what on_epoch received."""
+
+    history: list[dict[str, float]]
+    best_epoch: int | None  # 1-based; None only if the first epoch diverged
+    best_value: float | None  # value of config.monitor at best_epoch
+    stop_reason: str  # one of STOP_REASONS
+    stopped_epoch: int  # last epoch trained == len(history)
+    test_metrics: dict[str, float]  # of the weights kept at the end (best ones by default)
+    diverged_loss: float | None = None  # the offending batch loss when stop_reason == "diverged"
+    monitor: str = "val_loss"
+    seconds: float = 0.0  # wall time of the whole fit
+    network: MLP | None = field(default=None, repr=False)  # trained model, best weights loaded
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly summary (no network)."""
+        return {
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "stop_reason": self.stop_reason,
+            "stopped_epoch": self.stopped_epoch,
+            "test_metrics": self.test_metrics,
+            "diverged_loss": self.diverged_loss,
+            "monitor": self.monitor,
+            "seconds": self.seconds,
+        }
+
+
+class Rngs(NamedTuple):
+    """Independent random streams of one run, all derived from config.seed."""
+
+    init: np.random.Generator  # weight initialisation
+    shuffle: np.random.Generator  # exactly one permutation(n_train) per epoch
+    noise: np.random.Generator  # dropout masks and input noise
+
+
+def make_rngs(seed: int) -> Rngs:
+    """The run's random streams; fit uses exactly these, so tests can replay them."""
+    init, shuffle, noise = np.random.SeedSequence(seed).spawn(3)
+    return Rngs(*(np.random.default_rng(s) for s in (init, shuffle, noise)))
+
+
+def build_network(config: TrainConfig, data: Dataset, rng: np.random.Generator | None = None):
+    """The initial network fit would train for (config, data)."""
+    if rng is None:
+        rng = make_rngs(config.seed).init
+    return MLP(
+        data.n_features,
+        config.hidden_layers,
+        output_units(data.task, data.n_classes),
+        task=data.task,
+        activation=config.activation,
+        init=config.init,
+        dtype=config.dtype,
+        rng=rng,
+    )
+
+
+def validation_metric_names(task: str) -> tuple[str, ...]:
+    """Metrics `monitor` may name for a task."""
+    if task == "regression":
+        return ("val_loss", "val_rmse", "val_r2")
+    return ("val_loss", "val_accuracy")
+
+
+def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
+    """Optimizer steps in one epoch."""
+    batch = n_train if config.batch_size == "full" else min(int(config.batch_size), n_train)
+    return math.ceil(n_train / batch)
+
+
+def fit(
+    config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = None
+) -> TrainResult:
+    """Train a fresh network on data.X_train, monitoring the validation split.
+
+    After each finished epoch: compute the metrics, update the best epoch (it must beat the
+    best by more than min_delta), then call on_epoch(epoch, metrics); a truthy return stops
+    with "pruned", otherwise `patience` epochs without improvement stop with
+    "early_stopped". A non-finite or exploding batch loss stops at once with "diverged";
+    that epoch is recorded with its train_loss and NaN validation metrics, and on_epoch is
+    not called for it. At the end the best weights are restored (restore_best) and
+    test_metrics computed with them.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    allowed = validation_metric_names(data.task)
+    if config.monitor not in allowed:
+        raise ValueError(
+            f"monitor {config.monitor!r} is not available for a {data.task} task; "
+            f"choose one of {', '.join(allowed)}"
+        )
+    started = time.perf_counter()
+    rngs = make_rngs(config.seed)
+    net = build_network(config, data, rngs.init)
+    dtype = net.dtype
+    X_train = np.ascontiguousarray(data.X_train, dtype=dtype)
+    y_train = net.prepare_targets(data.y_train)
+    X_val = np.ascontiguousarray(data.X_val, dtype=dtype)
+    n = len(X_train)
+    if n == 0 or len(X_val) == 0:
+        raise ValueError("the dataset needs non-empty train and validation splits")
+    batch = n if config.batch_size == "full" else min(int(config.batch_size), n)
+    spe = math.ceil(n / batch)
+    # Whole batches per block of pre-drawn noise, so every batch lies inside one block.
+    widths = sum(config.hidden_layers) if config.dropout else 0
+    widths += X_train.shape[1] if config.input_noise else 0
+    block_batches = max(1, NOISE_BLOCK_VALUES // max(1, batch * widths))
+    block_rows = block_batches * batch
+
+    optimizer = make_optimizer(config, decay=[slice(0, net.n_weights)])
+    params, grads = [net.params], [net.grad]
+    constant_lr = config.schedule == "constant" and config.warmup_epochs == 0
+    keep = 1.0 - config.dropout
+    mask_bufs = (
+        [np.empty((min(block_rows, n), w), dtype) for w in config.hidden_layers]
+        if config.dropout
+        else None
+    )
+    mask_bool = np.empty((min(block_rows, n), max(config.hidden_layers, default=1)), bool)
+    X_epoch = np.empty_like(X_train)
+    y_epoch = np.empty_like(y_train)
+    best_params = net.params.copy()
+    classification = data.task != "regression"
+    mode = metric_mode(config.monitor)
+    l1, l2 = config.l1, config.l2
+
+    history: list[dict[str, float]] = []
+    best_epoch: int | None = None
+    best_value: float | None = None
+    since_best = 0
+    stop_reason = "max_epochs"
+    diverged_loss: float | None = None
+    loss_bound: float | None = None
+    step = 0
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        for epoch in range(1, config.max_epochs + 1):
+            t0 = time.perf_counter()
+            perm = rngs.shuffle.permutation(n)
+            np.take(X_train, perm, axis=0, out=X_epoch)
+            np.take(y_train, perm, axis=0, out=y_epoch)
+            loss_sum = 0.0
+            correct = 0
+            lr = config.learning_rate
+            bad_loss: float | None = None
+            masks: list[np.ndarray] | None = None
+            for block_start in range(0, n, block_rows):
+                block_end = min(n, block_start + block_rows)
+                rows = block_end - block_start
+                if config.input_noise:
+                    xb = X_epoch[block_start:block_end]
+                    xb += config.input_noise * rngs.noise.standard_normal(xb.shape, dtype=dtype)
+                if mask_bufs is not None:
+                    for m in mask_bufs:
+                        rngs.noise.random(out=m[:rows], dtype=dtype)
+                        tb = mask_bool[:rows, : m.shape[1]]
+                        np.less(m[:rows], keep, out=tb)
+                        np.multiply(tb, 1.0 / keep, out=m[:rows])
+                for s in range(block_start, block_end, batch):
+                    e = min(s + batch, block_end)
+                    if not constant_lr:
+                        lr = optimizer.lr = lr_at(step, config, spe)
+                    if mask_bufs is not None:
+                        masks = [m[s - block_start : e - block_start] for m in mask_bufs]
+                    yb = y_epoch[s:e]
+                    loss = net.loss_and_grad(X_epoch[s:e], yb, masks, l1, l2)
+                    if loss_bound is None:
+                        loss_bound = DIVERGENCE_FACTOR * max(1.0, loss)
+                    if not loss <= loss_bound:  # also catches NaN
+                        bad_loss = loss
+                        break
+                    loss_sum += loss * (e - s)
+                    if classification:
+                        correct += net.batch_correct(yb)
+                    if config.grad_clip is not None:
+                        norm = math.sqrt(float(np.dot(net.grad, net.grad)))
+                        if norm > config.grad_clip:
+                            net.grad *= config.grad_clip / norm
+                    optimizer.step(params, grads)
+                    step += 1
+                if bad_loss is not None:
+                    break
+            train_seconds = time.perf_counter() - t0
+
+            if bad_loss is not None:
+                nan = float("nan")
+                row = {"epoch": epoch, "train_loss": bad_loss}
+                names = ("val_loss", "val_accuracy", "train_accuracy") if classification else (
+                    "val_loss", "train_rmse", "val_rmse", "train_r2", "val_r2")
+                row.update({k: nan for k in names})
+                row.update(lr=lr, seconds=time.perf_counter() - t0, train_seconds=train_seconds)
+                history.append(row)
+                stop_reason, diverged_loss = "diverged", bad_loss
+                break
+
+            val = net.evaluate(X_val, data.y_val)
+            row = {"epoch": epoch, "train_loss": loss_sum / n}
+            if classification:
+                row["train_accuracy"] = correct / n
+                row["val_loss"] = val["loss"]
+                row["val_accuracy"] = val["accuracy"]
+            else:
+                mse = loss_sum / n
+                var = float(np.var(y_train, dtype=np.float64))
+                row["train_rmse"] = math.sqrt(mse)
+                row["train_r2"] = 1.0 - mse / var if var > 0 else float("nan")
+                row["val_loss"] = val["loss"]
+                row["val_rmse"] = val["rmse"]
+                row["val_r2"] = val["r2"]
+            row["lr"] = lr
+            row["train_seconds"] = train_seconds
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+
+            value = row[config.monitor]
+            if _improves(value, best_value, mode, config.min_delta):
+                best_epoch, best_value, since_best = epoch, value, 0
+                np.copyto(best_params, net.params)
+            else:
+                since_best += 1
+            if on_epoch is not None and on_epoch(epoch, dict(row)):
+                stop_reason = "pruned"
+                break
+            if config.patience is not None and since_best >= config.patience:
+                stop_reason = "early_stopped"
+                break
+
+        if config.restore_best and best_epoch is not None:
+            np.copyto(net.params, best_params)
+        test = net.evaluate(data.X_test, data.y_test)
+    if classification:
+        test_metrics = {"accuracy": test["accuracy"], "loss": test["loss"]}
+    else:
+        test_metrics = {"rmse": test["rmse"], "r2": test["r2"], "loss": test["loss"]}
+    return TrainResult(
+        history=history,
+        best_epoch=best_epoch,
+        best_value=best_value,
+        stop_reason=stop_reason,
+        stopped_epoch=len(history),
+        test_metrics=test_metrics,
+        diverged_loss=diverged_loss,
+        monitor=config.monitor,
+        seconds=time.perf_counter() - started,
+        network=net,
+    )
+
+
+def _improves(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta

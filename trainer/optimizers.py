@@ -1,0 +1,205 @@
+"""First-order optimizers sharing one interface: ``step(params, grads)`` updates in place.
+
+Conventions follow torch.optim (no dampening, bias-corrected Adam, eps outside the root).
+``decay`` says, per parameter array, which part is a weight matrix that weight decay
+applies to: True (all of it), False (none of it) or a slice of the flattened array; the
+default decays arrays with ndim >= 2. Decay is coupled (the L2 gradient term
+``weight_decay * W``, added to the gradient) for every optimizer except AdamW, whose decay
+is decoupled (``W -= lr * weight_decay * W`` before the Adam update).
+
+`step` may overwrite `grads`. The optimizer keeps its state in buffers allocated on the
+first call, so the same arrays (same shapes, same order) must be passed every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Decay = Sequence[bool | slice] | None
+
+
+class Optimizer:
+    """Base class: holds the learning rate, step count and weight-decay regions."""
+
+    decoupled = False
+
+    def __init__(self, lr: float, weight_decay: float = 0.0, decay: Decay = None) -> None:
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.decay = decay
+        self.t = 0  # number of steps taken
+        self._state: list[tuple[np.ndarray, ...]] | None = None
+
+    def step(self, params: Sequence[np.ndarray], grads: Sequence[np.ndarray]) -> None:
+        """Apply one update to each array in `params` given the matching `grads`."""
+        if self._state is None:
+            self._state = [self._init_state(p) for p in params]
+        self.t += 1
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            region = self._decay_region(i, p)
+            if region is not None and self.weight_decay:
+                wp = p.reshape(-1)[region]
+                if self.decoupled:
+                    wp *= 1.0 - self.lr * self.weight_decay
+                else:
+                    wg = g.reshape(-1)[region]
+                    wg += self.weight_decay * wp
+            self._update(p, g, self._state[i])
+
+    def _decay_region(self, i: int, p: np.ndarray) -> slice | None:
+        flag = (p.ndim >= 2) if self.decay is None else self.decay[i]
+        if flag is True:
+            return slice(None)
+        if flag is False:
+            return None
+        return flag
+
+    def _init_state(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.empty_like(p),)  # scratch buffer
+
+    def _update(self, p: np.ndarray, g: np.ndarray, state: tuple[np.ndarray, ...]) -> None:
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    """p -= lr * g"""
+
+    def _init_state(self, p: np.ndarray) -> tuple[np.ndarray, ...]:
+        return ()
+
+    def _update(self, p, g, state):
+        g *= self.lr
+        p -= g
+
+
+class Momentum(Optimizer):
+    """buf = momentum * buf + g; p -= lr * buf (heavy ball, PyTorch SGD(momentum))."""
+
+    def __init__(self, lr, momentum=0.9, weight_decay=0.0, decay=None):
+        super().__init__(lr, weight_decay, decay)
+        self.momentum = float(momentum)
+
+    def _init_state(self, p):
+        return (np.zeros_like(p), np.empty_like(p))
+
+    def _update(self, p, g, state):
+        buf, tmp = state
+        buf *= self.momentum
+        buf += g
+        np.multiply(buf, self.lr, out=tmp)
+        p -= tmp
+
+
+class Nesterov(Momentum):
+    """buf = momentum * buf + g; p -= lr * (g + momentum * buf) (PyTorch nesterov=True)."""
+
+    def _update(self, p, g, state):
+        buf, tmp = state
+        buf *= self.momentum
+        buf += g
+        np.multiply(buf, self.momentum, out=tmp)
+        tmp += g
+        tmp *= self.lr
+        p -= tmp
+
+
+class Adam(Optimizer):
+    """Adam with bias correction: p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+
+    def __init__(self, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay=None):
+        super().__init__(lr, weight_decay, decay)
+        self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+
+    def _init_state(self, p):
+        return (np.zeros_like(p), np.zeros_like(p), np.empty_like(p))
+
+    def _update(self, p, g, state):
+        # The moments are stored unnormalised, M = m / (1 - beta1) and V = v / (1 - beta2),
+        # so that each update is M = beta1*M + g (two in-place ops, no scaled temporary);
+        # the constant factors fold into the scalar step size and eps below.
+        big_m, big_v, tmp = state
+        b1, b2, t = self.beta1, self.beta2, self.t
+        k1 = (1.0 - b1) / (1.0 - b1**t)
+        k2 = math.sqrt((1.0 - b2) / (1.0 - b2**t))
+        big_m *= b1
+        big_m += g
+        np.multiply(g, g, out=tmp)
+        big_v *= b2
+        big_v += tmp
+        np.sqrt(big_v, out=tmp)
+        tmp += self.eps / k2
+        np.divide(big_m, tmp, out=tmp)
+        tmp *= self.lr * k1 / k2
+        p -= tmp
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): W -= lr * wd * W, then Adam."""
+
+    decoupled = True
+
+
+class RMSprop(Optimizer):
+    """v = rho * v + (1 - rho) * g**2; p -= lr * g / (sqrt(v) + eps)."""
+
+    def __init__(self, lr, rho=0.9, eps=1e-8, weight_decay=0.0, decay=None):
+        super().__init__(lr, weight_decay, decay)
+        self.rho, self.eps = float(rho), float(eps)
+
+    def _init_state(self, p):
+        return (np.zeros_like(p), np.empty_like(p))
+
+    def _update(self, p, g, state):
+        v, tmp = state
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - self.rho
+        v *= self.rho
+        v += tmp
+        np.sqrt(v, out=tmp)
+        tmp += self.eps
+        np.divide(g, tmp, out=tmp)
+        tmp *= self.lr
+        p -= tmp
+
+
+class Adagrad(Optimizer):
+    """s += g**2; p -= lr * g / (sqrt(s) + eps)."""
+
+    def __init__(self, lr, eps=1e-8, weight_decay=0.0, decay=None):
+        super().__init__(lr, weight_decay, decay)
+        self.eps = float(eps)
+
+    def _init_state(self, p):
+        return (np.zeros_like(p), np.empty_like(p))
+
+    def _update(self, p, g, state):
+        s, tmp = state
+        np.multiply(g, g, out=tmp)
+        s += tmp
+        np.sqrt(s, out=tmp)
+        tmp += self.eps
+        np.divide(g, tmp, out=tmp)
+        tmp *= self.lr
+        p -= tmp
+
+
+def make_optimizer(config, decay: Decay = None) -> Optimizer:
+    """Build the optimizer named by a TrainConfig, with its hyperparameters."""
+    name, lr, wd = config.optimizer, config.learning_rate, config.weight_decay
+    if name == "sgd":
+        return SGD(lr, weight_decay=wd, decay=decay)
+    if name == "momentum":
+        return Momentum(lr, config.momentum, weight_decay=wd, decay=decay)
+    if name == "nesterov":
+        return Nesterov(lr, config.momentum, weight_decay=wd, decay=decay)
+    if name in ("adam", "adamw"):
+        cls = AdamW if name == "adamw" else Adam
+        return cls(lr, config.beta1, config.beta2, config.eps, weight_decay=wd, decay=decay)
+    if name == "rmsprop":
+        return RMSprop(lr, config.rho, config.eps, weight_decay=wd, decay=decay)
+    if name == "adagrad":
+        return Adagrad(lr, config.eps, weight_decay=wd, decay=decay)
+    raise ValueError(f"unknown optimizer {name!r}")
