@@ -67,13 +67,13 @@ def watch(client: Client, job_id: int, console: Console, poll_s: float = 1.0) ->
     job = client.job(job_id)
     columns = (
         TextColumn("[bold]job {task.fields[job_id]}[/] {task.fields[status]}"),
-        BarColumn(),
+        BarColumn(bar_width=16),
         MofNCompleteColumn(),
-        TextColumn("pruned {task.fields[pruned]}  failed {task.fields[failed]}  "
-                   "running {task.fields[running]}  best {task.fields[best]}"),
+        TextColumn("pruned {task.fields[pruned]} failed {task.fields[failed]} "
+                   "best {task.fields[best]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TimeRemainingColumn(compact=True),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("trials", total=job["n_trials"], job_id=job_id,
@@ -95,8 +95,25 @@ def watch(client: Client, job_id: int, console: Console, poll_s: float = 1.0) ->
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.2g}" if abs(v) < 0.01 else f"{v:.3g}"
     return "-" if v is None else str(v)
+
+
+def short_reason(row: dict[str, Any]) -> str:
+    """A stopped trial's reason in a few words, for narrow terminals."""
+    d, reason = row["details"], row["stop_reason"]
+    if reason == "pruned":
+        rung = f" rung {d['prune_rung']}" if "prune_rung" in d else f" epoch {d.get('prune_step')}"
+        value, cut = d.get("prune_value"), d.get("prune_cutoff")
+        if isinstance(value, int | float) and isinstance(cut, int | float):
+            return (f"{d.get('pruner')}{rung}: {value:.4f} < cut-off {cut:.4f} "
+                    f"({d.get('prune_n_peers')} peers)")
+        return f"{d.get('pruner')}{rung}"
+    if reason == "early_stopped":
+        return f"no gain in {d.get('patience')} epochs after epoch {row['best_epoch']}"
+    if reason == "diverged":
+        return f"diverged: loss {d.get('diverged_loss')}"
+    return row.get("reason") or str(reason)
 
 
 def print_report(report: dict[str, Any], console: Console) -> None:
@@ -123,14 +140,16 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(t)
     stopped = report["stopped_trials"]
     t = Table(title=f"{len(stopped)} trials stopped before max_epochs "
-                    f"({report['spec']['max_epochs']})")
-    for col in ("#", "state", "stopped at", "best epoch", "lr", "batch", "dropout", "wd", "why"):
-        t.add_column(col, overflow="fold")
+                    f"({report['spec']['max_epochs']})", caption="epoch: stopped at / best")
+    for col in ("#", "state", "epoch", "lr", "batch", "drop", "wd"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("why", overflow="fold")
     for r in stopped:
         p = r["params"]
-        t.add_row(str(r["number"]), r["state"], _fmt(r["stopped_epoch"]), _fmt(r["best_epoch"]),
+        t.add_row(str(r["number"]), r["state"].lower(),
+                  f"{_fmt(r['stopped_epoch'])}/{_fmt(r['best_epoch'])}",
                   _fmt(p.get("learning_rate")), _fmt(p.get("batch_size")),
-                  _fmt(p.get("dropout")), _fmt(p.get("weight_decay")), r["reason"])
+                  _fmt(p.get("dropout")), _fmt(p.get("weight_decay")), short_reason(r))
     console.print(t)
     s = report["compute_saved"]
     console.print(

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 Decay = Sequence[bool | slice] | None
+SUBNORMAL_MARGIN = 1e8
 
 
 class Optimizer:
@@ -38,6 +39,8 @@ class Optimizer:
         if self._state is None:
             self._state = [self._init_state(p) for p in params]
         self.t += 1
+        if self.t % self._flush_every == 0:
+            self._flush_subnormals()
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             region = self._decay_region(i, p)
             if region is not None and self.weight_decay:
@@ -48,6 +51,28 @@ class Optimizer:
                     wg = g.reshape(-1)[region]
                     wg += self.weight_decay * wp
             self._update(p, g, self._state[i])
+
+    # Moment buffers of parameters whose gradient is exactly 0 (dead ReLUs) decay
+    # geometrically into subnormal floats, which x86 computes on up to 100x slower.
+    # Every _flush_every steps, entries below SUBNORMAL_MARGIN * tiny are set to 0: too
+    # few steps for any entry to decay from there into the subnormal range, and far too
+    # small to move a parameter.
+    decaying: tuple[int, ...] = ()  # indices into a parameter's state tuple
+    _flush_every = 1 << 62
+
+    def _set_decay_rate(self, *rates: float) -> None:
+        """Choose the flush period for buffers multiplied by these factors every step."""
+        per_step = min(rates)
+        if 0 < per_step < 1:
+            steps = 0.5 * math.log(SUBNORMAL_MARGIN) / -math.log(per_step)
+            self._flush_every = max(1, int(steps))
+
+    def _flush_subnormals(self) -> None:
+        for state in self._state or ():
+            for j in self.decaying:
+                buf = state[j]
+                limit = SUBNORMAL_MARGIN * np.finfo(buf.dtype).tiny
+                np.putmask(buf, np.abs(buf) < limit, 0)
 
     def _decay_region(self, i: int, p: np.ndarray) -> slice | None:
         flag = (p.ndim >= 2) if self.decay is None else self.decay[i]
@@ -78,9 +103,12 @@ class SGD(Optimizer):
 class Momentum(Optimizer):
     """buf = momentum * buf + g; p -= lr * buf (heavy ball, PyTorch SGD(momentum))."""
 
+    decaying = (0,)
+
     def __init__(self, lr, momentum=0.9, weight_decay=0.0, decay=None):
         super().__init__(lr, weight_decay, decay)
         self.momentum = float(momentum)
+        self._set_decay_rate(self.momentum)
 
     def _init_state(self, p):
         return (np.zeros_like(p), np.empty_like(p))
@@ -109,9 +137,12 @@ class Nesterov(Momentum):
 class Adam(Optimizer):
     """Adam with bias correction: p -= lr * m_hat / (sqrt(v_hat) + eps)."""
 
+    decaying = (0, 1)
+
     def __init__(self, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decay=None):
         super().__init__(lr, weight_decay, decay)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
+        self._set_decay_rate(self.beta1, self.beta2)
 
     def _init_state(self, p):
         return (np.zeros_like(p), np.zeros_like(p), np.empty_like(p))
@@ -145,9 +176,12 @@ class AdamW(Adam):
 class RMSprop(Optimizer):
     """v = rho * v + (1 - rho) * g**2; p -= lr * g / (sqrt(v) + eps)."""
 
+    decaying = (0,)
+
     def __init__(self, lr, rho=0.9, eps=1e-8, weight_decay=0.0, decay=None):
         super().__init__(lr, weight_decay, decay)
         self.rho, self.eps = float(rho), float(eps)
+        self._set_decay_rate(self.rho)
 
     def _init_state(self, p):
         return (np.zeros_like(p), np.empty_like(p))
