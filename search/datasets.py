@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from trainer import DATASETS, Dataset, load_dataset
+from trainer import DATASETS, Dataset, from_arrays, load_dataset
+
+__all__ = ["Dataset", "bundled", "bundled_names", "from_arrays"]
 
 
 def bundled_names() -> tuple[str, ...]:

@@ -188,6 +188,14 @@ def _param(t: FrozenTrial, name: str) -> float | None:
     return float(v) if _finite(v) else None
 
 
+def _legend(fig: Figure, title: str | None = None) -> None:
+    """The legend right of the axes, or below them where the figure is too narrow for that."""
+    if fig.get_figwidth() >= 8.0:
+        fig.legend(loc="outside right upper", title=title, fontsize=9)
+    else:
+        fig.legend(loc="outside lower center", title=title, fontsize=9, ncols=2, frameon=False)
+
+
 def _label(reason: str, n: int) -> str:
     return f"{_STYLE[reason][1]} ({n})"
 
@@ -237,7 +245,7 @@ def _learning_curves(fig: Figure, snap: _Snapshot) -> None:
     ax.set_ylabel(snap.metric)
     fig.suptitle(f"Learning curves: {snap.metric} per epoch of {n} trials")
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", title="trial outcome", fontsize=9)
+    _legend(fig, title="trial outcome")
 
 
 def _history(fig: Figure, snap: _Snapshot) -> None:
@@ -288,7 +296,7 @@ def _history(fig: Figure, snap: _Snapshot) -> None:
     ax.set_ylabel(snap.metric)
     fig.suptitle(f"Optimisation history ({'higher' if snap.maximize else 'lower'} is better)")
     ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=9)
+    _legend(fig)
 
 
 def _importances(study: optuna.Study, completed: list[FrozenTrial]) -> dict[str, float]:
@@ -337,8 +345,12 @@ def _lr_vs_batch(fig: Figure, snap: _Snapshot) -> None:
         if lr is not None and lr > 0 and bs is not None:
             rows.append((t, lr, int(bs), _reached(t, snap.maximize)))
     if not rows:
-        _message(fig, "no finished trials yet",
-                 "Learning rate against batch size appears once a trial finishes.")
+        if any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in snap.trials):
+            _message(fig, "no learning rate or batch size",
+                     "No finished trial records both a learning rate and a batch size.")
+        else:
+            _message(fig, "no finished trials yet",
+                     "Learning rate against batch size appears once a trial finishes.")
         return
     ax = fig.add_subplot()
     sizes = sorted({bs for _, _, bs, _ in rows})

@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from search import JobSpec
-from service import jobs
+from service import datasets, jobs
+from service.dashboard import DashboardGate
 from service.db import Database
-from service.errors import DatabaseUnavailable, ServiceError, Unauthorized
+from service.errors import DatabaseUnavailable, ServiceError, TooLarge, Unauthorized
 from service.keys import authenticate
+from service.metrics import metrics_registry, render
+from service.middleware import BodySizeLimit
 from service.models import ApiKey
-from service.schemas import ErrorBody, JobPublic, JobsPublic, TrialsPublic
+from service.schemas import (
+    DatasetPublic,
+    DatasetsPublic,
+    ErrorBody,
+    JobPublic,
+    JobsPublic,
+    TrialsPublic,
+)
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("hptune.api")
@@ -30,6 +48,21 @@ log = logging.getLogger("hptune.api")
 REAP_INTERVAL_S = 5.0
 
 _bearer = HTTPBearer(auto_error=False)
+
+# Ids are database integers: bounded so that a huge number is a 422, not a driver overflow.
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+ReportFormat = Literal["json", "html", "csv"]
+
+
+def jsonable(value: Any) -> Any:
+    """The report with non-finite floats as null, so it is always valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
 
 
 def get_db(request: Request) -> Database:
@@ -92,6 +125,14 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     )
     app.state.db = db or jobs.open_database(settings)
     _install_error_handlers(app)
+    # Outermost first: size limit, then the admin-only dashboard, then the API.
+    app.add_middleware(DashboardGate, db=app.state.db)
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=lambda path: (settings.max_upload_bytes + 64 * 1024
+                                if path.startswith("/api/v1/datasets")
+                                else settings.max_request_bytes),
+    )
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -119,30 +160,92 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         return {"data": [jobs.job_public(db, j) for j in rows], "count": count}
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
-    def get_job(job_id: int, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    def get_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
         """One job with its counts by trial state."""
         return jobs.job_public(db, jobs.get_job(db, owner, job_id))
 
     @app.delete("/api/v1/jobs/{job_id}", status_code=204, tags=["jobs"])
-    def delete_job(job_id: int, db: DbDep, owner: OwnerDep) -> None:
+    def delete_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> None:
         """Delete a finished job and its trials."""
         jobs.delete_job(db, owner, job_id)
 
     @app.post("/api/v1/jobs/{job_id}/cancel", response_model=JobPublic, tags=["jobs"])
-    def cancel_job(job_id: int, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    def cancel_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
         """Stop the job; its running trials stop within one epoch."""
         return jobs.job_public(db, jobs.cancel_job(db, owner, job_id))
 
     @app.get("/api/v1/jobs/{job_id}/trials", response_model=TrialsPublic, tags=["jobs"])
-    def list_trials(job_id: int, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
         """Every trial of the job with its state, values and why it stopped."""
         data = jobs.job_trials(db, owner, job_id)
         return {"data": data, "count": len(data)}
 
-    @app.get("/api/v1/jobs/{job_id}/report", tags=["jobs"])
-    def report(job_id: int, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    @app.get("/api/v1/jobs/{job_id}/report", tags=["jobs"],
+             responses={200: {"content": {"application/json": {}, "text/html": {},
+                                          "text/csv": {}}}})
+    def report(job_id: JobId, db: DbDep, owner: OwnerDep,
+               format: Annotated[ReportFormat, Query(description="json, html or csv")] = "json",
+               ) -> Response:
         """The early-stopped trial report: best trial, stopped trials, compute saved."""
-        return jobs.job_report(db, owner, job_id)
+        if format == "html":
+            return HTMLResponse(jobs.job_report_html(db, owner, job_id))
+        if format == "csv":
+            return PlainTextResponse(
+                jobs.job_report_csv(db, owner, job_id), media_type="text/csv",
+                headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'})
+        return JSONResponse(jsonable(jsonable_encoder(jobs.job_report(db, owner, job_id))))
+
+    @app.get("/api/v1/jobs/{job_id}/plots/{name}", tags=["jobs"],
+             responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
+    def plot(job_id: JobId, name: Annotated[str, Path(max_length=50)], db: DbDep,
+             owner: OwnerDep,
+             width: Annotated[int, Query(ge=200, le=4000)] = 1000,
+             height: Annotated[int, Query(ge=200, le=4000)] = 600) -> Response:
+        """A report picture as PNG: learning_curves, history, importances, lr_vs_batch."""
+        return Response(jobs.job_plot(db, owner, job_id, name, width, height),
+                        media_type="image/png")
+
+    @app.get("/api/v1/jobs/{job_id}/events", tags=["jobs"],
+             responses={200: {"content": {"text/event-stream": {}}}})
+    def events(job_id: JobId, db: DbDep, owner: OwnerDep) -> StreamingResponse:
+        """Server-sent events: trial state changes, then the job's final state."""
+        stream = jobs.job_events(db, owner, job_id)
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.post("/api/v1/datasets", status_code=201, response_model=DatasetPublic,
+              tags=["datasets"])
+    def upload_dataset(
+        db: DbDep, key: KeyDep,
+        file: Annotated[UploadFile, File(description="CSV with a header row, or NPZ (X, y)")],
+        target: Annotated[str | None, Form(max_length=200)] = None,
+        name: Annotated[str | None, Form(max_length=200)] = None,
+    ) -> dict[str, Any]:
+        """Upload a dataset; jobs may then name it by its id."""
+        limit = db.settings.max_upload_bytes
+        raw = file.file.read(limit + 1)
+        if len(raw) > limit:
+            raise TooLarge(f"file larger than {limit} bytes", field="file")
+        row = datasets.create_dataset(db, key.owner, file.filename or "upload", raw, target, name)
+        return datasets.dataset_public(row)
+
+    @app.get("/api/v1/datasets", response_model=DatasetsPublic, tags=["datasets"])
+    def list_datasets(db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+        """Your uploaded datasets."""
+        rows = [datasets.dataset_public(r) for r in datasets.list_datasets(db, owner)]
+        return {"data": rows, "count": len(rows)}
+
+    @app.get("/api/v1/datasets/{dataset_id}", response_model=DatasetPublic, tags=["datasets"])
+    def get_dataset(dataset_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+        """One uploaded dataset's description."""
+        return datasets.dataset_public(datasets.get_dataset(db, owner, dataset_id))
+
+    registry = metrics_registry(app.state.db)
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    def metrics() -> Response:
+        """Prometheus metrics: jobs, trials, durations, epochs saved, live workers."""
+        return Response(render(registry), media_type="text/plain; version=0.0.4")
 
     return app
 

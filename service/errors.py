@@ -36,3 +36,11 @@ class Forbidden(ServiceError):
 
 class DatabaseUnavailable(ServiceError):
     status_code = 503
+
+
+class TooLarge(ServiceError):
+    status_code = 413
+
+
+class QuotaExceeded(ServiceError):
+    status_code = 429

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,32 +23,65 @@ from search import (
 )
 from search.datasets import bundled_names
 from service.db import Database, retrying
-from service.errors import Conflict, InvalidSpec, NotFound
+from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, utcnow
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def _check_spec(db: Database, spec: JobSpec) -> None:
+REGRESSION_METRICS = ("val_loss", "val_rmse", "val_r2")
+CLASSIFICATION_METRICS = ("val_loss", "val_accuracy")
+
+
+def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
+    """Checks that need the settings or the database; the spec's own checks ran in pydantic."""
     s = db.settings
     if spec.n_trials > s.max_trials_per_job:
         raise InvalidSpec(f"n_trials must be <= {s.max_trials_per_job}", field="n_trials")
     if spec.max_epochs > s.max_epochs_per_trial:
         raise InvalidSpec(f"max_epochs must be <= {s.max_epochs_per_trial}", field="max_epochs")
-    if isinstance(spec.dataset, str) and spec.dataset not in bundled_names():
-        raise InvalidSpec(
-            f"unknown dataset {spec.dataset!r}; known: {', '.join(bundled_names())}",
-            field="dataset",
-        )
-    if isinstance(spec.dataset, int):
-        raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset")
+    if spec.timeout_seconds is not None and spec.timeout_seconds > s.max_timeout_seconds:
+        raise InvalidSpec(f"timeout_seconds must be <= {s.max_timeout_seconds:g}",
+                          field="timeout_seconds")
+    if isinstance(spec.dataset, str):
+        if spec.dataset not in bundled_names():
+            raise InvalidSpec(
+                f"unknown dataset {spec.dataset!r}; known: {', '.join(bundled_names())} "
+                "or the integer id of an uploaded dataset", field="dataset")
+        task = "regression" if spec.dataset == "regression" else "classification"
+    else:
+        from service.datasets import get_dataset
+
+        try:
+            task = get_dataset(db, owner, spec.dataset).task
+        except NotFound:
+            raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset") from None
+    allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
+    if spec.metric not in allowed:
+        raise InvalidSpec(f"metric {spec.metric!r} does not fit a {task} dataset; use one of "
+                          f"{', '.join(allowed)}", field="metric")
+
+
+def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
+    s = db.settings
+    active, queued = session.execute(
+        select(func.count(), func.coalesce(func.sum(Job.n_trials - Job.reserved), 0))
+        .where(Job.owner == owner, Job.status.in_(ACTIVE))
+    ).one()
+    if active + 1 > s.max_active_jobs_per_owner:
+        raise QuotaExceeded(f"{owner} already has {active} active jobs "
+                            f"(quota {s.max_active_jobs_per_owner})", field="n_trials")
+    if queued + spec.n_trials > s.max_queued_trials_per_owner:
+        raise QuotaExceeded(f"{owner} has {queued} queued trials; {spec.n_trials} more would pass "
+                            f"the quota of {s.max_queued_trials_per_owner}", field="n_trials")
 
 
 def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
     """Store a queued job and create its study, with the spec as study attributes."""
-    _check_spec(db, spec)
+    _check_spec(db, owner, spec)
     with db.session() as s:
+        _check_quota(db, s, owner, spec)
         job = Job(owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
                   status="queued", n_trials=spec.n_trials, reserved=0, claims=0)
         s.add(job)
@@ -161,6 +197,71 @@ def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
     public = job_public(db, job, study.get_trials(deepcopy=False))
     public.pop("spec")
     return build_report(study, JobSpec.model_validate(job.spec), public)
+
+
+def _job_study(db: Database, owner: str | None, job_id: int) -> tuple[Job, optuna.Study]:
+    job = get_job(db, owner, job_id)
+    if not job.study_name:
+        raise NotFound(f"job {job_id} has no trials yet")
+    return job, retrying(lambda: optuna.load_study(study_name=job.study_name,
+                                                   storage=db.storage))
+
+
+def job_report_html(db: Database, owner: str | None, job_id: int) -> str:
+    """The report as one self-contained HTML page with its pictures inline."""
+    from search.report_html import render_html
+
+    _, study = _job_study(db, owner, job_id)
+    return render_html(job_report(db, owner, job_id), study)
+
+
+def job_report_csv(db: Database, owner: str | None, job_id: int) -> str:
+    """Every trial of the job as a CSV row."""
+    from search.report_csv import render_csv
+
+    _, study = _job_study(db, owner, job_id)
+    return render_csv(study)
+
+
+def job_plot(db: Database, owner: str | None, job_id: int, name: str, width: int, height: int
+             ) -> bytes:
+    """One of the report's pictures as PNG."""
+    from search.plots import PLOTS, render_png
+
+    if name not in PLOTS:
+        raise NotFound(f"no plot {name!r}; plots: {', '.join(PLOTS)}")
+    _, study = _job_study(db, owner, job_id)
+    return render_png(study, name, width_px=width, height_px=height)
+
+
+def job_events(db: Database, owner: str | None, job_id: int, poll_s: float = 1.0,
+               max_s: float = 24 * 3600) -> Iterator[str]:
+    """Server-sent events: one `trial` event per trial state change, `job` events on status
+    changes, ending after the job's final state."""
+    get_job(db, owner, job_id)  # 404 before the stream starts
+    seen: dict[int, str] = {}
+    last_status = None
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        job = get_job(db, owner, job_id)
+        trials = study_trials(db, job)
+        for t in trials:
+            if seen.get(t.number) != t.state.name:
+                seen[t.number] = t.state.name
+                yield _sse("trial", trial_to_dict(t))
+        public = job_public(db, job, trials)
+        public.pop("spec")
+        if public["status"] != last_status or public["status"] in TERMINAL:
+            last_status = public["status"]
+            yield _sse("job", public)
+        if public["status"] in TERMINAL:
+            return
+        yield ": keep-alive\n\n"
+        time.sleep(poll_s)
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"
 
 
 # --- the workers' side ---------------------------------------------------------------------

@@ -66,3 +66,24 @@ class ErrorItem(BaseModel):
 class ErrorBody(BaseModel):
     detail: str
     errors: list[ErrorItem] = []
+
+
+class DatasetPublic(BaseModel):
+    id: int
+    name: str
+    owner: str
+    filename: str
+    format: str
+    target: str | None
+    task: str
+    n_rows: int
+    n_features: int
+    n_classes: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int

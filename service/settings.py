@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     # Bounds that job specs must respect.
     max_trials_per_job: int = Field(default=10_000, ge=1)
     max_epochs_per_trial: int = Field(default=1_000, ge=1)
+    max_timeout_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    # Per-owner quotas, counted in the database so they hold across API processes.
+    max_active_jobs_per_owner: int = Field(default=20, ge=1)
+    max_queued_trials_per_owner: int = Field(default=5_000, ge=1)
+    # Request size limits (bytes): JSON bodies, and dataset uploads.
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    max_upload_bytes: int = Field(default=20 << 20, ge=1024)
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:

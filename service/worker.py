@@ -13,8 +13,8 @@ import optuna
 from threadpoolctl import threadpool_limits
 
 from search import load_study, run_trial
-from search.datasets import bundled
 from service import jobs
+from service.datasets import load_job_dataset
 from service.db import Database
 from service.settings import Settings
 
@@ -91,7 +91,7 @@ class Worker:
         """Run the claimed slot's trial; whatever happens, the slot ends accounted for."""
         db = self.db
         try:
-            data = bundled(str(claim.spec.dataset), claim.spec.seed)
+            data = load_job_dataset(self.db, claim.spec)
         except Exception as exc:
             jobs.fail_job(db, claim.job_id, f"dataset {claim.spec.dataset!r}: {exc}")
             return

@@ -147,7 +147,7 @@ class TrainConfig:
 
     @property
     def monitor_mode(self) -> str:
-        """"max" or "min": the direction in which `monitor` improves."""
+        """Direction in which `monitor` improves: "max" or "min"."""
         return metric_mode(self.monitor)
 
     def to_dict(self) -> dict[str, Any]:

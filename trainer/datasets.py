@@ -67,8 +67,9 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
         X, y = _regression_data()
         return from_arrays(X, y, seed=seed, name=name, task="regression")
     X, y = _sklearn_data(name)
-    return from_arrays(X, y, seed=seed, name=name, task="binary" if name == "breast_cancer"
-                       else "multiclass")
+    return from_arrays(
+        X, y, seed=seed, name=name, task="binary" if name == "breast_cancer" else "multiclass"
+    )
 
 
 def from_arrays(
@@ -167,8 +168,10 @@ def _random_split(n: int, rng: np.random.Generator):
     n_val = max(1, round(SPLIT[1] * n))
     n_test = max(1, round(SPLIT[2] * n))
     n_train = n - n_val - n_test
-    return np.sort(perm[:n_train]), np.sort(perm[n_train : n_train + n_val]), np.sort(
-        perm[n_train + n_val :]
+    return (
+        np.sort(perm[:n_train]),
+        np.sort(perm[n_train : n_train + n_val]),
+        np.sort(perm[n_train + n_val :]),
     )
 
 
@@ -178,8 +181,8 @@ def _stratified_split(ids: np.ndarray, rng: np.random.Generator):
     for c in range(int(ids.max()) + 1):
         rows = np.flatnonzero(ids == c)
         rows = rows[rng.permutation(len(rows))]
-        n_val = int(math.floor(SPLIT[1] * len(rows) + 0.5))
-        n_test = int(math.floor(SPLIT[2] * len(rows) + 0.5))
+        n_val = math.floor(SPLIT[1] * len(rows) + 0.5)
+        n_test = math.floor(SPLIT[2] * len(rows) + 0.5)
         if len(rows) - n_val - n_test < 1:  # keep every class in the training split
             n_val = n_test = 0
         n_train = len(rows) - n_val - n_test
@@ -327,7 +330,7 @@ def _mnist1d(seed: int) -> Dataset:
     for c in range(10):
         rows = np.flatnonzero(y_rest == c)
         rows = rows[rng.permutation(len(rows))]
-        n_val = int(round(MNIST1D_VAL_FRACTION * len(rows)))
+        n_val = round(MNIST1D_VAL_FRACTION * len(rows))
         val_parts.append(rows[:n_val])
         train_parts.append(rows[n_val:])
     train = np.sort(np.concatenate(train_parts))

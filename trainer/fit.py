@@ -101,9 +101,7 @@ def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
     return math.ceil(n_train / batch)
 
 
-def fit(
-    config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = None
-) -> TrainResult:
+def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = None) -> TrainResult:
     """Train a fresh network on data.X_train, monitoring the validation split.
 
     After each finished epoch: compute the metrics, update the best epoch (it must beat the
@@ -218,8 +216,11 @@ def fit(
             if bad_loss is not None:
                 nan = float("nan")
                 row = {"epoch": epoch, "train_loss": bad_loss}
-                names = ("val_loss", "val_accuracy", "train_accuracy") if classification else (
-                    "val_loss", "train_rmse", "val_rmse", "train_r2", "val_r2")
+                names = (
+                    ("val_loss", "val_accuracy", "train_accuracy")
+                    if classification
+                    else ("val_loss", "train_rmse", "val_rmse", "train_r2", "val_r2")
+                )
                 row.update({k: nan for k in names})
                 row.update(lr=lr, seconds=time.perf_counter() - t0, train_seconds=train_seconds)
                 history.append(row)

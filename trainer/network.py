@@ -90,10 +90,9 @@ class MLP:
         self.biases, self.grad_biases = [], []
         wpos, bpos = 0, self.n_weights
         for fan_in, fan_out in shapes:
-            self.weights.append(self.params[wpos : wpos + fan_in * fan_out].reshape(fan_in, fan_out))
-            self.grad_weights.append(
-                self.grad[wpos : wpos + fan_in * fan_out].reshape(fan_in, fan_out)
-            )
+            end = wpos + fan_in * fan_out
+            self.weights.append(self.params[wpos:end].reshape(fan_in, fan_out))
+            self.grad_weights.append(self.grad[wpos:end].reshape(fan_in, fan_out))
             self.biases.append(self.params[bpos : bpos + fan_out])
             self.grad_biases.append(self.grad[bpos : bpos + fan_out])
             wpos += fan_in * fan_out
@@ -410,8 +409,9 @@ class MLP:
         """Load (W, b) per layer, as returned by get_weights."""
         if len(layers) != len(self.weights):
             raise ValueError(f"expected {len(self.weights)} layers, got {len(layers)}")
-        for (w, b), (nw, nb) in zip(zip(self.weights, self.biases, strict=True), layers,
-                                    strict=True):
+        for (w, b), (nw, nb) in zip(
+            zip(self.weights, self.biases, strict=True), layers, strict=True
+        ):
             w[...] = nw
             b[...] = nb
 

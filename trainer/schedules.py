@@ -85,7 +85,7 @@ def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
     linearly to the schedule's value at step 0; after that the schedule runs on the
     remaining steps as if they started at 0 (so cosine decays over max_epochs - warm-up).
     """
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = round(config.warmup_epochs * steps_per_epoch)
     total = max(1, config.max_epochs * steps_per_epoch - warmup)
     if step < warmup:
         return warmup_factor(step, warmup) * _scheduled(0, config, steps_per_epoch, total)

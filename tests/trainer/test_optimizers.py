@@ -151,8 +151,15 @@ def test_lr_can_change_between_steps():
 
 @pytest.mark.parametrize(
     "name,cls",
-    [("sgd", SGD), ("momentum", Momentum), ("nesterov", Nesterov), ("adam", Adam),
-     ("adamw", AdamW), ("rmsprop", RMSprop), ("adagrad", Adagrad)],
+    [
+        ("sgd", SGD),
+        ("momentum", Momentum),
+        ("nesterov", Nesterov),
+        ("adam", Adam),
+        ("adamw", AdamW),
+        ("rmsprop", RMSprop),
+        ("adagrad", Adagrad),
+    ],
 )
 def test_make_optimizer(name, cls):
     opt = make_optimizer(TrainConfig(optimizer=name, learning_rate=0.3, weight_decay=0.01))

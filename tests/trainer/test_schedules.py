@@ -1,5 +1,6 @@
 """Schedules against their formulas at chosen steps."""
 
+import itertools
 import math
 
 import pytest
@@ -31,13 +32,14 @@ def test_step_decay():
 def test_exponential():
     assert exponential(0, 2.0, 0.9, 5) == 2.0
     assert exponential(5, 2.0, 0.9, 5) == pytest.approx(1.8)
-    assert exponential(12, 2.0, 0.9, 5) == pytest.approx(2.0 * 0.9 ** 2.4)
+    assert exponential(12, 2.0, 0.9, 5) == pytest.approx(2.0 * 0.9**2.4)
 
 
 def test_cosine():
     assert cosine(0, 1.0, 100) == 1.0
     assert cosine(50, 1.0, 100) == pytest.approx(0.5)
-    assert cosine(25, 1.0, 100, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    expected = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert cosine(25, 1.0, 100, 0.1) == pytest.approx(expected)
     assert cosine(100, 1.0, 100, 0.1) == 0.1
     assert cosine(500, 1.0, 100, 0.1) == 0.1
 
@@ -49,7 +51,8 @@ def test_cosine_restarts():
     assert cosine_restarts(10, 1.0, 10, 2.0) == 1.0
     assert cosine_restarts(20, 1.0, 10, 2.0) == pytest.approx(0.5)
     assert cosine_restarts(30, 1.0, 10, 2.0) == 1.0
-    assert cosine_restarts(40, 1.0, 10, 2.0, 0.2) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    expected = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4))  # 10 steps into the 40-step cycle
+    assert cosine_restarts(40, 1.0, 10, 2.0, 0.2) == pytest.approx(expected)
     assert cosine_restarts(27, 1.0, 9, 1.0) == 1.0
 
 
@@ -71,25 +74,29 @@ def test_warmup_factor():
 
 
 def test_warmup_then_cosine():
-    cfg = TrainConfig(learning_rate=0.1, schedule="cosine", warmup_epochs=2, max_epochs=10,
-                      min_lr_ratio=0.1)
+    cfg = TrainConfig(
+        learning_rate=0.1, schedule="cosine", warmup_epochs=2, max_epochs=10, min_lr_ratio=0.1
+    )
     spe = 5  # 10 warm-up steps, then cosine over the remaining 40
     assert lr_at(0, cfg, spe) == pytest.approx(0.1 / 10)
     assert lr_at(4, cfg, spe) == pytest.approx(0.1 * 5 / 10)
     assert lr_at(9, cfg, spe) == pytest.approx(0.1)
     assert lr_at(10, cfg, spe) == pytest.approx(0.1)
     assert lr_at(30, cfg, spe) == pytest.approx(0.01 + 0.09 * 0.5)
-    assert lr_at(49, cfg, spe) == pytest.approx(0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 39 / 40)))
+    expected = 0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * 39 / 40))
+    assert lr_at(49, cfg, spe) == pytest.approx(expected)
     lrs = [lr_at(s, cfg, spe) for s in range(50)]
     assert max(lrs) == pytest.approx(0.1)
-    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:10]))
 
 
 def test_lr_at_dispatches_every_schedule():
     spe = 10
     base = dict(learning_rate=1.0, max_epochs=10)
-    assert lr_at(25, TrainConfig(schedule="step", step_size_epochs=2, gamma=0.5, **base), spe) == 0.5
-    assert lr_at(25, TrainConfig(schedule="step", step_size_epochs=1, **base), spe) == pytest.approx(0.01)
+    halving = TrainConfig(schedule="step", step_size_epochs=2, gamma=0.5, **base)
+    assert lr_at(25, halving, spe) == 0.5
+    default_gamma = TrainConfig(schedule="step", step_size_epochs=1, **base)
+    assert lr_at(25, default_gamma, spe) == pytest.approx(0.01)
     assert lr_at(20, TrainConfig(schedule="exponential", **base), spe) == pytest.approx(0.95**2)
     assert lr_at(50, TrainConfig(schedule="cosine", **base), spe) == pytest.approx(0.5)
     assert lr_at(10, TrainConfig(schedule="cosine_restarts", t0_epochs=1, **base), spe) == 1.0

@@ -1,0 +1,111 @@
+"""Prometheus metrics, read from the database at scrape time so every API process agrees."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from sqlalchemy import func, select
+
+from search import JobSpec
+from service import jobs
+from service.db import Database
+from service.models import Job
+from service.registry import live_workers
+
+# Trial durations (seconds) histogram buckets.
+DURATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# Per-trial figures are recomputed at most this often; a scrape in between reuses them.
+TRIAL_STATS_TTL_S = 10.0
+# Jobs whose trials are summarised (the most recent ones).
+MAX_JOBS_SUMMARISED = 500
+
+
+class _Collector:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+
+    def _trial_stats(self) -> dict[str, Any]:
+        with self._lock:
+            if self._cached and time.monotonic() - self._cached[0] < TRIAL_STATS_TTL_S:
+                return self._cached[1]
+            by_state: dict[str, int] = {}
+            durations: list[float] = []
+            saved = {"pruned": 0, "early_stopped": 0}
+            rows, _ = jobs.list_jobs(self.db, None, limit=MAX_JOBS_SUMMARISED)
+            for job in rows:
+                max_epochs = JobSpec.model_validate(job.spec).max_epochs
+                for t in jobs.study_trials(self.db, job):
+                    by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+                    if t.datetime_start and t.datetime_complete:
+                        durations.append((t.datetime_complete - t.datetime_start).total_seconds())
+                    reason = t.user_attrs.get("stop_reason")
+                    stopped = t.user_attrs.get("stopped_epoch") or 0
+                    if reason in ("pruned", "diverged"):
+                        saved["pruned"] += max(max_epochs - stopped, 0)
+                    elif reason == "early_stopped":
+                        saved["early_stopped"] += max(max_epochs - stopped, 0)
+            stats = {"by_state": by_state, "durations": durations, "saved": saved}
+            self._cached = (time.monotonic(), stats)
+            return stats
+
+    def collect(self):
+        with self.db.session() as s:
+            status_counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status))
+                                 .all())
+        g = GaugeMetricFamily("hptune_jobs", "Jobs by status.", labels=["status"])
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            g.add_metric([status], status_counts.get(status, 0))
+        yield g
+
+        stats = self._trial_stats()
+        g = GaugeMetricFamily("hptune_trials", "Trials by Optuna state.", labels=["state"])
+        for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
+            g.add_metric([state], stats["by_state"].get(state, 0))
+        yield g
+
+        durations = stats["durations"]
+        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in DURATION_BUCKETS_S]
+        buckets.append(("+Inf", len(durations)))
+        h = HistogramMetricFamily("hptune_trial_duration_seconds",
+                                  "Wall time of finished trials.")
+        h.add_metric([], buckets, sum_value=sum(durations))
+        yield h
+
+        c = CounterMetricFamily("hptune_epochs_saved", "Epochs not trained, by cause.",
+                                labels=["cause"])
+        for cause, n in stats["saved"].items():
+            c.add_metric([cause], n)
+        yield c
+
+        workers = live_workers(self.db)
+        yield GaugeMetricFamily("hptune_workers_live", "Workers seen within the last minute.",
+                                value=len(workers))
+        g = GaugeMetricFamily("hptune_worker_last_seen_timestamp_seconds",
+                              "When each live worker last reported (Unix time).",
+                              labels=["worker", "state"])
+        for w in workers:
+            seen = w.last_seen if w.last_seen.tzinfo else w.last_seen.replace(tzinfo=UTC)
+            g.add_metric([w.name, w.state], seen.timestamp())
+        yield g
+
+
+def metrics_registry(db: Database) -> CollectorRegistry:
+    """A registry whose only collector reads hptune's state from the database."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(db))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
