@@ -123,8 +123,9 @@ def _render(draw: Callable[[Figure, _Snapshot], None], snap: _Snapshot, width_px
             height_px: int) -> bytes:
     scale = min(width_px / _BASE_W_PX, height_px / _BASE_H_PX)
     dpi = _BASE_DPI * min(max(scale, 0.4), 4.0)
-    # Agg truncates the canvas size to whole pixels; a hundredth of a pixel more keeps
-    # float rounding in px / dpi * dpi from losing one.
+    # Agg truncates the canvas to whole pixels, and Matplotlib before 3.10 did so without a
+    # tolerance: a hundredth of a pixel more keeps float rounding in px / dpi * dpi from
+    # losing one (403 x 600, for one).
     fig = Figure(figsize=((width_px + 0.01) / dpi, (height_px + 0.01) / dpi), dpi=dpi,
                  layout="constrained")
     FigureCanvasAgg(fig)
@@ -191,9 +192,15 @@ def _param(t: FrozenTrial, name: str) -> float | None:
 def _legend(fig: Figure, title: str | None = None) -> None:
     """The legend right of the axes, or below them where the figure is too narrow for that."""
     if fig.get_figwidth() >= 8.0:
-        fig.legend(loc="outside right upper", title=title, fontsize=9)
+        legend = fig.legend(loc="outside right upper", title=title, fontsize=9)
     else:
-        fig.legend(loc="outside lower center", title=title, fontsize=9, ncols=2, frameon=False)
+        legend = fig.legend(loc="outside lower center", title=title, fontsize=9, ncols=2,
+                            frameon=False)
+    # Curves are faint when there are many; their legend keys must not be.
+    for handle in legend.legend_handles:
+        handle.set_alpha(1.0)
+        if isinstance(handle, Line2D):
+            handle.set_linewidth(max(handle.get_linewidth(), 2.0))
 
 
 def _label(reason: str, n: int) -> str:

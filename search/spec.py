@@ -18,7 +18,8 @@ METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
 
 class _Strict(BaseModel):
     # Unknown fields are a typo the user wants to hear about, not silently drop.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: "5" is not a number and true is not a seed; say so rather than guess.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class FloatRange(_Strict):

@@ -22,12 +22,20 @@ from fastapi.responses import (
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from search import JobSpec
 from service import datasets, jobs
 from service.dashboard import DashboardGate
 from service.db import Database
-from service.errors import DatabaseUnavailable, ServiceError, TooLarge, Unauthorized
+from service.errors import (
+    DatabaseUnavailable,
+    QuotaExceeded,
+    ServiceError,
+    TooLarge,
+    Unauthorized,
+)
 from service.keys import authenticate
 from service.metrics import metrics_registry, render
 from service.middleware import BodySizeLimit
@@ -121,7 +129,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         version="0.1.0",
         summary="Hyperparameter tuning jobs: Optuna search over a NumPy early-stopping trainer.",
         lifespan=lifespan,
-        responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+        responses={code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)},
     )
     app.state.db = db or jobs.open_database(settings)
     _install_error_handlers(app)
@@ -262,8 +270,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         if isinstance(exc, DatabaseUnavailable):
             headers = {"Retry-After": "5"}
+        if isinstance(exc, QuotaExceeded):
+            headers = {"Retry-After": "60"}
         errors = [{"field": exc.field, "message": exc.message}] if exc.field else []
         return _error(exc.status_code, exc.message, errors, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; list them all.
+            methods = set()
+            for route in req.app.routes:
+                match, _ = route.matches(req.scope)
+                if match != Match.NONE and getattr(route, "methods", None):
+                    methods |= route.methods
+            headers["Allow"] = ", ".join(sorted(methods))
+        return _error(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_req: Request, exc: RequestValidationError) -> JSONResponse:

@@ -180,10 +180,12 @@ def keys_list() -> None:
 
     db = open_database(_settings())
     with db.session() as s:
+        # Plain tab-separated lines: easy to read and to grep.
+        print("id\towner\tprefix\trole\tstate\tcreated")
         for k in list_keys(s):
             state = "revoked" if k.revoked_at else "active"
-            console.print(f"{k.id}\t{k.owner}\t{k.prefix}…\t{'admin' if k.is_admin else 'user'}"
-                          f"\t{state}")
+            print(f"{k.id}\t{k.owner}\t{k.prefix}...\t{'admin' if k.is_admin else 'user'}"
+                  f"\t{state}\t{k.created_at:%Y-%m-%d %H:%M}")
 
 
 @keys_app.command("revoke")

@@ -16,7 +16,7 @@ from search import JobSpec
 from search.datasets import bundled, from_arrays
 from service.db import Database, retrying
 from service.errors import InvalidSpec, NotFound
-from service.models import UploadedDataset
+from service.models import UploadedDataset, as_utc
 
 # Targets with at most this many distinct integer values are classes, not a regression target.
 MAX_CLASSES = 50
@@ -185,7 +185,7 @@ def dataset_public(row: UploadedDataset) -> dict[str, Any]:
         "id": row.id, "name": row.name, "owner": row.owner, "filename": row.filename,
         "format": row.format, "target": row.target, "task": row.task, "n_rows": row.n_rows,
         "n_features": row.n_features, "n_classes": row.n_classes, "sha256": row.sha256,
-        "size_bytes": row.size_bytes, "created_at": row.created_at,
+        "size_bytes": row.size_bytes, "created_at": as_utc(row.created_at),
     }
 
 

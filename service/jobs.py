@@ -24,7 +24,7 @@ from search import (
 from search.datasets import bundled_names
 from service.db import Database, retrying
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
-from service.models import Job, utcnow
+from service.models import Job, as_utc, utcnow
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -153,9 +153,9 @@ def job_public(db: Database, job: Job, trials: list[FrozenTrial] | None = None) 
         "metric": job.spec.get("metric"),
         "study_name": job.study_name,
         "error": job.error,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        "created_at": as_utc(job.created_at),
+        "started_at": as_utc(job.started_at),
+        "finished_at": as_utc(job.finished_at),
         "spec": job.spec,
     }
 
@@ -237,8 +237,13 @@ def job_plot(db: Database, owner: str | None, job_id: int, name: str, width: int
 def job_events(db: Database, owner: str | None, job_id: int, poll_s: float = 1.0,
                max_s: float = 24 * 3600) -> Iterator[str]:
     """Server-sent events: one `trial` event per trial state change, `job` events on status
-    changes, ending after the job's final state."""
-    get_job(db, owner, job_id)  # 404 before the stream starts
+    changes, ending after the job's final state. Raises NotFound before streaming starts."""
+    get_job(db, owner, job_id)
+    return _event_stream(db, owner, job_id, poll_s, max_s)
+
+
+def _event_stream(db: Database, owner: str | None, job_id: int, poll_s: float, max_s: float
+                  ) -> Iterator[str]:
     seen: dict[int, str] = {}
     last_status = None
     deadline = time.monotonic() + max_s
@@ -265,6 +270,25 @@ def _sse(event: str, data: dict[str, Any]) -> str:
 
 
 # --- the workers' side ---------------------------------------------------------------------
+#
+# Exact trial counts. A trial holds one of its job's n_trials slots while it is RUNNING,
+# COMPLETE or PRUNED (db.SLOT_STATES); FAIL and WAITING trials hold none. Every step that adds
+# such a trial runs under the job's lock (db.job_lock): a claim counts the slots in use and,
+# only if one is free, asks Optuna for the trial (popping a queued retry first); queueing a
+# retry needs a free slot too. Steps that take a slot away (a trial failing) need no lock.
+# So RUNNING + COMPLETE + PRUNED + WAITING never exceeds n_trials, the job ends with exactly
+# n_trials finished, and the count is read from the trials themselves: nothing to leak when a
+# worker dies between two statements.
+
+# After an outage the reaper waits this many heartbeat intervals (plus a second) before it
+# fails trials as stale: live workers need a moment to record their next beat.
+REAP_QUIET_INTERVALS = 2
+# Trials whose worker stopped early: on SIGTERM (`handed_back`, retried without using up
+# the retry limit) or when the job timed out (`timed_out`). Recorded as the trial user
+# attribute `stop_cause` (the trial's stop_reason says `cancelled`: it ended on request).
+STOP_CAUSE = "stop_cause"
+HANDED_BACK = "handed_back"
+TIMED_OUT = "timed_out"
 
 
 @dataclass(frozen=True)
@@ -276,46 +300,91 @@ class Claim:
     study_name: str
     # Distinct for every claim of the job: seeds the sampler so parallel workers differ.
     claim_number: int
+    # Wall-clock time (Unix seconds) after which the job times out, if its spec says so.
+    deadline: float | None = None
 
 
-def claim_slot(db: Database) -> Claim | None:
-    """Atomically take one trial slot of the oldest active job, or None if there is no work.
+@dataclass(frozen=True)
+class Candidate:
+    """An active job that had a free slot when last looked at."""
 
-    One UPDATE increments `reserved` only while it is below `n_trials`; under concurrency the
-    condition is re-checked on the locked row, so a job never hands out more than n_trials.
+    job_id: int
+    spec: JobSpec
+    study_name: str
+
+
+def _as_utc_timestamp(dt: Any) -> float:
+    from datetime import UTC
+
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def job_deadline(spec: JobSpec | dict[str, Any], started_at: Any) -> float | None:
+    """When a job with `timeout_seconds` times out (Unix seconds): its first claim + timeout."""
+    timeout = spec.get("timeout_seconds") if isinstance(spec, dict) else spec.timeout_seconds
+    if not timeout or started_at is None:
+        return None
+    return _as_utc_timestamp(started_at) + float(timeout)
+
+
+def claimable_jobs(db: Database, limit: int = 50) -> list[Candidate]:
+    """Active jobs with a free slot, oldest first (a hint: claim_slot re-checks under lock)."""
+    def attempt() -> list[Candidate]:
+        with db.session() as s:
+            rows = s.execute(
+                select(Job.id, Job.spec, Job.study_name, Job.n_trials)
+                .where(Job.status.in_(ACTIVE), Job.study_name.is_not(None))
+                .order_by(Job.id).limit(limit)
+            ).all()
+        in_use = db.slots_in_use([r.study_name for r in rows])
+        return [Candidate(r.id, JobSpec.model_validate(r.spec), r.study_name) for r in rows
+                if in_use.get(r.study_name, 0) < r.n_trials]
+    return retrying(attempt)
+
+
+def claim_slot(db: Database, job_id: int) -> Claim | None:
+    """Take one of the job's slots if one is free; None if the job is full or not active.
+
+    The caller must hold `db.job_lock(job_id)` from before this call until its trial exists
+    in the study (Optuna's ask returned), so that no other claim counts in between.
     """
-    pick = (
-        select(Job.id)
-        .where(Job.status.in_(ACTIVE), Job.reserved < Job.n_trials, Job.study_name.is_not(None))
-        .order_by(Job.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(Job)
-        .where(Job.id == pick, Job.status.in_(ACTIVE), Job.reserved < Job.n_trials)
-        .values(reserved=Job.reserved + 1, claims=Job.claims + 1, status="running",
-                started_at=func.coalesce(Job.started_at, utcnow()))
-        .returning(Job.id, Job.spec, Job.study_name, Job.claims)
-        .execution_options(synchronize_session=False)
-    )
-
     def attempt() -> Claim | None:
         with db.session() as s:
-            row = s.execute(stmt).first()
+            job = s.execute(select(Job.status, Job.n_trials, Job.study_name)
+                            .where(Job.id == job_id)).first()
+        if job is None or job.status not in ACTIVE or not job.study_name:
+            return None
+        in_use = db.slots_in_use([job.study_name]).get(job.study_name, 0)
+        if in_use >= job.n_trials:
+            return None
+        with db.session() as s:
+            row = s.execute(
+                update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                .values(reserved=in_use + 1, claims=Job.claims + 1, status="running",
+                        started_at=func.coalesce(Job.started_at, utcnow()))
+                .returning(Job.spec, Job.study_name, Job.claims, Job.started_at)
+                .execution_options(synchronize_session=False)
+            ).first()
         if row is None:
             return None
-        return Claim(row.id, JobSpec.model_validate(row.spec), row.study_name, row.claims)
+        spec = JobSpec.model_validate(row.spec)
+        return Claim(job_id, spec, row.study_name, row.claims,
+                     job_deadline(spec, row.started_at))
 
     return retrying(attempt)
 
 
 def release_slot(db: Database, job_id: int) -> None:
-    """Give a slot back (its trial failed), so that a retry or a new trial can take it."""
+    """Bring the job's `reserved` column up to date with its trials (it is informational:
+    slots are counted from the trials themselves)."""
     def attempt() -> None:
         with db.session() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.reserved > 0)
-                      .values(reserved=Job.reserved - 1))
+            name = s.scalar(select(Job.study_name).where(Job.id == job_id))
+        if not name:
+            return
+        n = db.slots_in_use([name]).get(name, 0)
+        with db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(reserved=n))
     retrying(attempt)
 
 
@@ -327,69 +396,215 @@ def job_status(db: Database, job_id: int) -> str | None:
     return retrying(attempt)
 
 
+def _set_status(db: Database, job_id: int, status: str, error: str | None) -> None:
+    def attempt() -> None:
+        with db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+                      .values(status=status, error=error[:1000] if error else None,
+                              finished_at=utcnow()))
+    retrying(attempt)
+
+
 def refresh_job(db: Database, job_id: int) -> str | None:
-    """Move an active job to `succeeded` (or `failed`) once its trials say so."""
+    """Settle an active job's status from its trials and clock.
+
+    `succeeded` once exactly n_trials are COMPLETE or PRUNED and none runs or waits;
+    `failed` with error "timed out ..." once `timeout_seconds` have passed since its first
+    claim (running trials then stop within an epoch, finished ones stay in the report);
+    `failed` when crashing trials exceed n_trials x (max_trial_retries + 1), so a job whose
+    trials all crash (a poison search space) ends instead of looping.
+    """
+    import time as _time
+
     job = get_job(db, None, job_id)
     if job.status not in ACTIVE:
         return job.status
-    c = counts(study_trials(db, job))
-    finished = c["complete"] + c["pruned"]
-    new = None
-    error = None
-    if finished >= job.n_trials and c["running"] == 0 and c["waiting"] == 0:
+    c = retrying(lambda: db.trial_state_counts(job.study_name)) if job.study_name else {}
+    finished = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
+    new = error = None
+    deadline = job_deadline(job.spec, job.started_at)
+    if (finished >= job.n_trials and c.get("RUNNING", 0) == 0
+            and c.get("WAITING", 0) == 0):
         new = "succeeded"
-    elif c["failed"] > job.n_trials * (db.settings.max_trial_retries + 1):
-        new, error = "failed", f"{c['failed']} trials failed"
+    elif deadline is not None and _time.time() >= deadline:
+        new = "failed"
+        error = (f"timed out after {job.spec.get('timeout_seconds'):g} s with {finished} of "
+                 f"{job.n_trials} trials finished")
+    elif c.get("FAIL", 0) > job.n_trials * (db.settings.max_trial_retries + 1):
+        crashed = [t for t in study_trials(db, job) if t.state == TrialState.FAIL
+                   and t.user_attrs.get(STOP_CAUSE) != HANDED_BACK]
+        if len(crashed) > job.n_trials * (db.settings.max_trial_retries + 1):
+            new, error = "failed", f"{len(crashed)} trials failed"
     if new:
-        def attempt() -> None:
-            with db.session() as s:
-                s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                          .values(status=new, error=error, finished_at=utcnow()))
-        retrying(attempt)
+        _set_status(db, job_id, new, error)
         return new
     return job.status
 
 
 def fail_job(db: Database, job_id: int, error: str) -> None:
     """End a job that cannot run (its dataset will not load, say)."""
-    with db.session() as s:
-        s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                  .values(status="failed", error=error[:1000], finished_at=utcnow()))
+    _set_status(db, job_id, "failed", error)
 
 
 def active_job_ids(db: Database) -> list[int]:
-    with db.session() as s:
-        return list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE))))
+    def attempt() -> list[int]:
+        with db.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE))))
+    return retrying(attempt)
 
 
-def retry_failed_trial(db: Database, study: optuna.Study, trial: FrozenTrial) -> None:
-    """Give a failed trial's slot back and queue its parameters again, up to the retry limit.
+def _retry_of(trial: FrozenTrial) -> int | None:
+    """The number of the trial that `trial` retries directly, if it is a retry."""
+    history = trial.system_attrs.get("retry_history") or []
+    return int(history[-1]) if history else None
 
-    The retry carries `failed_trial` and `retry_history` system attributes linking it to the
-    original; past the limit the slot goes to a freshly sampled trial instead.
+
+def retry_failed_trial(db: Database, study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a failed trial's parameters again (a WAITING trial the next claim pops).
+
+    Idempotent and exactly-once: under the job's lock it does nothing if the trial already has
+    a retry, if its job is no longer active, or if no slot is free (the slot already went to a
+    fresh trial). The retry carries Optuna's `failed_trial` and `retry_history` system
+    attributes (RetryHeartbeatStaleTrialCallback), shown as details.retry_of in the trial
+    JSON. A chain is retried at most HPTUNE_MAX_TRIAL_RETRIES times, not counting hand-backs
+    (a worker stopped by SIGTERM); past that its slot goes to a freshly sampled trial.
+    Returns True when it queued a retry.
     """
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-        max_retry=db.settings.max_trial_retries
-    )
-    retrying(lambda: retry(study, trial))
-    release_slot(db, int(study.user_attrs["job_id"]))
+    import copy
+
+    job_id = int(study.user_attrs["job_id"])
+    with db.job_lock(job_id):
+        def attempt() -> bool:
+            with db.session() as s:
+                job = s.execute(select(Job.status, Job.n_trials)
+                                .where(Job.id == job_id)).first()
+            if job is None or job.status not in ACTIVE:
+                return False
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            by_number = {t.number: t for t in trials}
+            current = by_number.get(trial.number, trial)
+            if current.state != TrialState.FAIL:
+                return False
+            if any(_retry_of(t) == trial.number for t in trials):
+                return False
+            held = sum(t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED,
+                                   TrialState.WAITING) for t in trials)
+            if held >= job.n_trials:
+                return False
+            chain = [*(current.system_attrs.get("retry_history") or []), trial.number]
+            handed_back = sum(
+                1 for n in chain
+                if n in by_number and by_number[n].user_attrs.get(STOP_CAUSE) == HANDED_BACK
+            )
+            template = copy.deepcopy(current)
+            # The retry starts clean: only the spec's fixed values carry over, not the failed
+            # run's reason, error or curves.
+            template.user_attrs = {k: v for k, v in current.user_attrs.items()
+                                   if k.startswith("fixed_")}
+            n_before = len(trials)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=db.settings.max_trial_retries + handed_back
+            )(study, template)
+            return len(study._storage.get_all_trials(study._study_id, deepcopy=False)) > n_before
+
+        queued = retrying(attempt)
+    if queued:
+        release_slot(db, job_id)
+    return queued
 
 
-def open_database(settings: Any) -> Database:
-    """A Database whose storage retries trials that the heartbeat found dead."""
-    return Database(settings, stale_trial_callback=retry_failed_trial)
+def open_database(settings: Any, *, role: str = "api", retry_seconds: float | None = None
+                  ) -> Database:
+    """A Database whose storage retries trials that the heartbeat found dead.
+
+    Workers pass role="worker" and retry_seconds=settings.db_retry_seconds, so they ride out
+    outages; the API keeps the short default and answers 503 instead.
+    """
+    from service.db import API_RETRY_SECONDS
+
+    return Database(settings, stale_trial_callback=retry_failed_trial, role=role,
+                    retry_seconds=API_RETRY_SECONDS if retry_seconds is None else retry_seconds)
+
+
+def fail_trial(db: Database, study: optuna.Study, trial_id: int, reason: str | None = None,
+               error: str | None = None) -> bool:
+    """Mark a RUNNING or WAITING trial FAIL; True if this call did it (and nobody else)."""
+    storage = study._storage
+    try:
+        if reason:
+            storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+        if error:
+            storage.set_trial_user_attr(trial_id, "error", error[:500])
+        return bool(storage.set_trial_state_values(trial_id, state=TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _reap_quiet(db: Database) -> bool:
+    """False shortly after this process saw the database down: live workers have not beaten
+    again yet, and their trials must not be failed for the outage's silence."""
+    quiet_s = REAP_QUIET_INTERVALS * db.settings.heartbeat_interval + 1.0
+    return db.seconds_since_outage() > quiet_s
+
+
+def _reap_job(db: Database, job: Job) -> None:
+    import datetime as _dt
+
+    study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
+    # Heartbeat-stale trials: FAIL, then the storage's callback queues their retry.
+    retrying(lambda: optuna.storages.fail_stale_trials(study))
+    # Trials that never beat at all (the worker died right after creating them).
+    grace = _dt.timedelta(seconds=db.settings.grace_period)
+    for trial_id in retrying(lambda: db.running_trials_without_heartbeat(job.study_name)):
+        t = retrying(lambda tid=trial_id: study._storage.get_trial(tid))
+        if t.datetime_start is not None and _dt.datetime.now() - t.datetime_start > grace:
+            fail_trial(db, study, trial_id, error="the worker died before its first heartbeat")
+            # the retry follows below
+    # FAIL trials without a retry: a worker or reaper that died between failing a trial and
+    # queueing its retry, or a retry that found no free slot then.
+    if job.status in ACTIVE:
+        for t in retrying(lambda: study.get_trials(deepcopy=False,
+                                                   states=(TrialState.FAIL,))):
+            retry_failed_trial(db, study, t)
+
+
+def _settle_ended_jobs(db: Database) -> None:
+    """Jobs that ended (cancelled, timed out, failed) keep no RUNNING or WAITING trials: stale
+    running ones are failed once their heartbeat stops, queued retries are failed at once."""
+    names = retrying(db.studies_with_unfinished_trials)
+    if not names:
+        return
+    with db.session() as s:
+        ended = list(s.scalars(select(Job).where(Job.study_name.in_(names),
+                                                 Job.status.in_(TERMINAL))))
+    for job in ended:
+        study = retrying(lambda n=job.study_name: optuna.load_study(study_name=n,
+                                                                    storage=db.storage))
+        _reap_job(db, job)
+        for t in retrying(lambda s=study: s.get_trials(deepcopy=False,
+                                                       states=(TrialState.WAITING,))):
+            fail_trial(db, study, t._trial_id, reason="cancelled",
+                       error=f"job {job.status} before this retry ran")
 
 
 def reap(db: Database) -> int:
-    """Fail trials whose worker stopped beating, queue their retries, settle job statuses.
+    """Fail trials whose worker died, queue their retries, settle job statuses and timeouts.
 
-    Needs no live worker: the API process runs it too. Returns the number of jobs looked at.
+    Needs no live worker: the API process runs it every few seconds, idle workers too. Just
+    after this process saw an outage it waits for live workers to beat again before failing
+    anything. Returns the number of active jobs looked at.
     """
-    ids = active_job_ids(db)
+    try:
+        ids = active_job_ids(db)
+    except Exception:
+        db.note_outage()
+        raise
+    quiet = _reap_quiet(db)
     for job_id in ids:
         job = get_job(db, None, job_id)
-        if job.study_name:
-            retrying(lambda name=job.study_name: optuna.storages.fail_stale_trials(
-                optuna.load_study(study_name=name, storage=db.storage)))
+        if job.study_name and quiet:
+            _reap_job(db, job)
         refresh_job(db, job_id)
+    if quiet:
+        _settle_ended_jobs(db)
     return len(ids)

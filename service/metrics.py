@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,7 +17,7 @@ from sqlalchemy import func, select
 from search import JobSpec
 from service import jobs
 from service.db import Database
-from service.models import Job
+from service.models import Job, as_utc
 from service.registry import live_workers
 
 # Trial durations (seconds) histogram buckets.
@@ -95,8 +94,7 @@ class _Collector:
                               "When each live worker last reported (Unix time).",
                               labels=["worker", "state"])
         for w in workers:
-            seen = w.last_seen if w.last_seen.tzinfo else w.last_seen.replace(tzinfo=UTC)
-            g.add_metric([w.name, w.state], seen.timestamp())
+            g.add_metric([w.name, w.state], as_utc(w.last_seen).timestamp())
         yield g
 
 

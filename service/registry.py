@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from service.db import Database, retrying
-from service.models import WorkerRow, utcnow
+from service.models import WorkerRow, as_utc, utcnow
 
 # A worker that has not been seen for this long counts as gone.
 WORKER_LIVE_WINDOW_S = 60
@@ -35,9 +35,4 @@ def live_workers(db: Database, window_s: float = WORKER_LIVE_WINDOW_S) -> list[W
     since = utcnow() - timedelta(seconds=window_s)
     with db.session() as s:
         rows = list(s.scalars(select(WorkerRow).where(WorkerRow.state != "stopped")))
-    return [r for r in rows if _aware(r.last_seen) >= since]
-
-
-def _aware(dt):
-    # SQLite hands back naive datetimes; they were written in UTC.
-    return dt if dt.tzinfo else dt.replace(tzinfo=utcnow().tzinfo)
+    return [r for r in rows if as_utc(r.last_seen) >= since]

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     # SQLAlchemy pool per process (PostgreSQL; SQLite uses its own defaults).
     pool_size: int = Field(default=5, ge=1)
     max_overflow: int = Field(default=5, ge=0)
+    # Seconds a worker keeps retrying a database call through an outage before it gives the
+    # call up (a trial whose result cannot be stored is then failed and retried by the reaper).
+    db_retry_seconds: float = Field(default=60.0, ge=0)
+    # Seconds a worker has after SIGTERM to finish its epoch and hand its trial back before it
+    # exits anyway (the trial is then failed by its heartbeat and retried).
+    stop_timeout: float = Field(default=25.0, gt=0)
+    # Fault injection for tests only: "NAME=VALUE" makes a worker hard-exit (os._exit(1))
+    # after the first epoch of every trial whose parameter NAME equals VALUE (a poison trial).
+    test_crash_on_param: str | None = None
     # Bounds that job specs must respect.
     max_trials_per_job: int = Field(default=10_000, ge=1)
     max_epochs_per_trial: int = Field(default=1_000, ge=1)
@@ -50,6 +59,10 @@ class Settings(BaseSettings):
             raise ValueError("HPTUNE_GRACE_PERIOD must be greater than HPTUNE_HEARTBEAT_INTERVAL")
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("HPTUNE_DATABASE_URL must be PostgreSQL when environment=production")
+        if self.environment == "production" and self.test_crash_on_param:
+            raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM is for tests; unset it in production")
+        if self.test_crash_on_param is not None and "=" not in self.test_crash_on_param:
+            raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM must look like NAME=VALUE")
         return self
 
     @property

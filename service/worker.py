@@ -1,31 +1,51 @@
-"""The worker process loop: claim a slot, run one trial, settle its outcome, repeat."""
+"""The worker process loop: claim a slot, run one trial, settle its outcome, repeat.
+
+A worker never dies of a database error: the loop catches it, backs off and goes on, and a
+trial whose result could not be stored is failed (here, or by the reaper once its heartbeat
+stops) and retried, never lost and never counted twice. SIGTERM (or SIGINT) stops it at the
+end of the running epoch: the trial is handed back (FAIL, stop_cause `handed_back`) and its
+parameters queued again, and the process exits; after `HPTUNE_STOP_TIMEOUT` seconds, or on a
+second signal, it exits at once and the heartbeat reaper takes over.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
 import warnings
 
 import optuna
+from optuna.trial import TrialState
 from threadpoolctl import threadpool_limits
 
-from search import load_study, run_trial
+from search import TrialOutcome, load_study, run_trial
 from service import jobs
 from service.datasets import load_job_dataset
-from service.db import Database
+from service.db import Database, JobLock, is_transient
+from service.errors import DatabaseUnavailable
 from service.settings import Settings
 
 log = logging.getLogger("hptune.worker")
 
-# How often a running trial asks whether its job was cancelled.
+# How often a running trial asks whether its job was cancelled or timed out.
 CANCEL_POLL_INTERVAL_S = 1.0
 # How often an idle worker also runs the reaper.
 IDLE_REAP_INTERVAL_S = 5.0
+# How often a worker updates its row in the worker registry (shown by /metrics).
+REGISTRY_INTERVAL_S = 10.0
+# Backoff of the loop after a database error: doubles from the first value up to the cap.
+ERROR_BACKOFF_FIRST_S = 0.5
+ERROR_BACKOFF_MAX_S = 10.0
+# Exit status of a worker that exits on purpose in a test (HPTUNE_TEST_CRASH_ON_PARAM).
+TEST_CRASH_EXIT_CODE = 86
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# The worker drives ask/tell itself and runs Optuna's heartbeats in its own thread.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 
 class Heartbeat:
@@ -46,7 +66,8 @@ class Heartbeat:
             try:
                 self._storage.record_heartbeat(self.trial_id)
             except Exception as exc:  # a missed beat is retried; the grace period absorbs it
-                log.warning("heartbeat for trial %s failed: %s", self.trial_id, exc)
+                log.warning("heartbeat for trial %s failed: %s", self.trial_id,
+                            str(exc).splitlines()[0][:200])
             if self._stop.wait(self._interval_s):
                 return
 
@@ -54,6 +75,25 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+
+def parse_crash_param(value: str | None) -> tuple[str, str] | None:
+    """HPTUNE_TEST_CRASH_ON_PARAM "NAME=VALUE" as (name, value), or None."""
+    if not value:
+        return None
+    name, _, target = value.partition("=")
+    return name.strip(), target.strip()
+
+
+def param_matches(params: dict[str, object], crash: tuple[str, str] | None) -> bool:
+    """Whether a trial's parameters select it for the test crash (numbers compare as floats)."""
+    if crash is None or crash[0] not in params:
+        return False
+    value = params[crash[0]]
+    try:
+        return float(value) == float(crash[1])  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value) == crash[1]
 
 
 class Worker:
@@ -64,91 +104,245 @@ class Worker:
         self.name = name or f"worker-{os.getpid()}"
         self._stop = threading.Event()
         self.trials_run = 0
+        self._crash = parse_crash_param(db.settings.test_crash_on_param)
+        self._last_registry = 0.0
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def run(self, max_trials: int | None = None) -> None:
         """Loop until stopped (or until `max_trials` trials have run)."""
         log.info("%s started", self.name)
         last_reap = 0.0
+        errors = 0
+        busy = False
+        self._announce("idle", force=True)
         with threadpool_limits(limits=1):
             while not self._stop.is_set():
-                claim = jobs.claim_slot(self.db)
-                if claim is None:
-                    if time.monotonic() - last_reap > IDLE_REAP_INTERVAL_S:
-                        jobs.reap(self.db)
-                        last_reap = time.monotonic()
-                    self._stop.wait(self.db.settings.poll_interval)
+                try:
+                    ran = self.run_one()
+                    errors = 0
+                except Exception as exc:
+                    errors += 1
+                    delay = min(ERROR_BACKOFF_FIRST_S * 2 ** (errors - 1), ERROR_BACKOFF_MAX_S)
+                    delay *= random.uniform(0.75, 1.25)
+                    log.warning("%s: %s; trying again in %.1f s", self.name,
+                                _one_line(exc), delay)
+                    if not isinstance(exc, DatabaseUnavailable) and not is_transient(exc):
+                        log.debug("traceback", exc_info=exc)
+                    self._stop.wait(delay)
                     continue
-                self.run_claim(claim)
-                self.trials_run += 1
-                if max_trials is not None and self.trials_run >= max_trials:
-                    break
+                if ran:
+                    busy = True
+                    if max_trials is not None and self.trials_run >= max_trials:
+                        break
+                    continue
+                if busy:
+                    # Back to idle: give back the connections the trials needed.
+                    busy = False
+                    self.db.release_idle_connections()
+                    self._announce("idle", force=True)
+                if time.monotonic() - last_reap > IDLE_REAP_INTERVAL_S:
+                    last_reap = time.monotonic()
+                    try:
+                        jobs.reap(self.db)
+                    except Exception as exc:
+                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
+                self._announce("idle")
+                self._stop.wait(self.db.settings.poll_interval)
+        self._announce("stopped", force=True)
         log.info("%s stopped after %d trials", self.name, self.trials_run)
 
-    def run_claim(self, claim: jobs.Claim) -> None:
-        """Run the claimed slot's trial; whatever happens, the slot ends accounted for."""
-        db = self.db
-        try:
-            data = load_job_dataset(self.db, claim.spec)
-        except Exception as exc:
-            jobs.fail_job(db, claim.job_id, f"dataset {claim.spec.dataset!r}: {exc}")
+    def _announce(self, state: str, force: bool = False) -> None:
+        """Keep this worker's row in the registry fresh (best effort)."""
+        now = time.monotonic()
+        if not force and now - self._last_registry < REGISTRY_INTERVAL_S:
             return
+        self._last_registry = now
+        try:
+            from service.registry import worker_seen
+
+            worker_seen(self.db, self.name, state, self.trials_run)
+        except Exception as exc:
+            log.debug("%s: registry update failed: %s", self.name, _one_line(exc))
+
+    def run_one(self) -> bool:
+        """Claim a slot of the oldest job with room and run its trial; False if no work."""
+        db = self.db
+        for cand in jobs.claimable_jobs(db):
+            if self._stop.is_set():
+                return False
+            try:
+                data = load_job_dataset(db, cand.spec)
+            except Exception as exc:
+                if isinstance(exc, DatabaseUnavailable) or is_transient(exc):
+                    raise
+                jobs.fail_job(db, cand.job_id, f"dataset {cand.spec.dataset!r}: {exc}")
+                continue
+            lock = db.job_lock(cand.job_id)
+            lock.acquire()
+            try:
+                claim = jobs.claim_slot(db, cand.job_id)
+                if claim is None:
+                    continue
+                self._announce("busy", force=self.trials_run == 0)
+                self.run_claim(claim, data, lock)
+                self.trials_run += 1
+                return True
+            finally:
+                lock.release()
+        return False
+
+    def run_claim(self, claim: jobs.Claim, data: object, lock: JobLock | None = None) -> None:
+        """Run the claimed slot's trial; whatever happens, the trial ends told or failed.
+
+        `lock` (the job's claim lock, if held) is released as soon as the trial exists.
+        """
+        db = self.db
         study = load_study(claim.spec, db.storage, claim.study_name, claim.claim_number)
+        started: list[optuna.Trial] = []
         heartbeat: list[Heartbeat] = []
         last_poll = [time.monotonic()]
 
         def on_started(trial: optuna.Trial) -> None:
+            started.append(trial)
+            try:  # a first beat before anything else, so the reaper sees the trial alive
+                db.storage.record_heartbeat(trial._trial_id)
+            except Exception as exc:
+                log.warning("first heartbeat of trial %s failed: %s", trial.number,
+                            _one_line(exc))
             hb = Heartbeat(db.storage, trial._trial_id, db.settings.heartbeat_interval)
             hb.start()
             heartbeat.append(hb)
+            if lock is not None:
+                lock.release()
 
-        def should_stop() -> bool:
+        def stop_with(cause: str | None) -> str:
+            if cause and started:
+                try:
+                    started[0].set_user_attr(jobs.STOP_CAUSE, cause)
+                except Exception as exc:
+                    log.warning("could not record stop cause: %s", _one_line(exc))
+            return cause or "cancelled"
+
+        def should_stop() -> str | None:
+            trial = started[0] if started else None
+            if trial is not None and param_matches(trial.params, self._crash):
+                log.error("%s: HPTUNE_TEST_CRASH_ON_PARAM matches trial %s %s; exiting hard",
+                          self.name, trial.number, trial.params)
+                logging.shutdown()
+                os._exit(TEST_CRASH_EXIT_CODE)
             if self._stop.is_set():
-                return True
+                return stop_with(jobs.HANDED_BACK)
+            if claim.deadline is not None and time.time() >= claim.deadline:
+                jobs.refresh_job(db, claim.job_id)  # marks the job timed out
+                return stop_with(jobs.TIMED_OUT)
             now = time.monotonic()
             if now - last_poll[0] < CANCEL_POLL_INTERVAL_S:
-                return False
+                return None
             last_poll[0] = now
-            return jobs.job_status(db, claim.job_id) not in jobs.ACTIVE
+            if jobs.job_status(db, claim.job_id) not in jobs.ACTIVE:
+                return stop_with(None)
+            return None
 
-        outcome = None
+        outcome: TrialOutcome | None = None
+        error: BaseException | None = None
         try:
             outcome = run_trial(study, claim.spec, data, should_stop=should_stop,
                                 on_started=on_started)
             log.info("%s job %s trial %s: %s (%s)", self.name, claim.job_id, outcome.number,
                      outcome.state.name, outcome.stop_reason)
-        except Exception:
-            log.exception("%s job %s: trial failed", self.name, claim.job_id)
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            # The reaper failed this trial (its beats did not reach the database) and queued
+            # its retry; what this worker computed is dropped, never counted twice.
+            error = exc
+            log.warning("%s job %s: trial was failed by the reaper meanwhile; dropping it",
+                        self.name, claim.job_id)
+        except Exception as exc:
+            error = exc
+            log.warning("%s job %s: trial failed: %s", self.name, claim.job_id, _one_line(exc))
         finally:
-            for hb in heartbeat:
-                hb.stop()
-            if outcome is None or outcome.state == optuna.trial.TrialState.FAIL:
-                # A failed or handed-back trial frees its slot; an active job retries its params.
-                if heartbeat and jobs.job_status(db, claim.job_id) in jobs.ACTIVE:
-                    failed = study._storage.get_trial(heartbeat[0].trial_id)
-                    jobs.retry_failed_trial(db, study, failed)
-                else:
-                    jobs.release_slot(db, claim.job_id)
+            if lock is not None:
+                lock.release()
+            try:
+                self._settle(claim, study, started, outcome, error)
+            finally:
+                for hb in heartbeat:
+                    hb.stop()
+
+    def _settle(self, claim: jobs.Claim, study: optuna.Study, started: list[optuna.Trial],
+                outcome: TrialOutcome | None, error: BaseException | None) -> None:
+        """Leave the trial told (COMPLETE/PRUNED) or FAIL with its retry queued."""
+        db = self.db
+        try:
+            if started and (outcome is None or outcome.state == TrialState.FAIL):
+                trial_id = started[0]._trial_id
+                frozen = study._storage.get_trial(trial_id)
+                if frozen.state == TrialState.RUNNING:
+                    # The tell never landed (an outage outlasted the retries): fail it here.
+                    jobs.fail_trial(db, study, trial_id, reason="failed",
+                                    error=_one_line(error) if error else "not told")
+                    frozen = study._storage.get_trial(trial_id)
+                if frozen.state == TrialState.FAIL:
+                    jobs.retry_failed_trial(db, study, frozen)
             jobs.refresh_job(db, claim.job_id)
+        except Exception as exc:
+            # The database is still away: the trial stays RUNNING without heartbeats, and the
+            # reaper fails and retries it after the grace period.
+            log.warning("%s job %s: could not settle the trial (%s); the reaper will",
+                        self.name, claim.job_id, _one_line(exc))
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 def run_worker(settings: Settings) -> None:
     """Entry point of `hptune worker`: migrate, then loop until SIGTERM or SIGINT."""
     from service.migrate import upgrade
 
-    db = jobs.open_database(settings)
-    upgrade(db)
+    db = jobs.open_database(settings, role="worker", retry_seconds=settings.db_retry_seconds)
     worker = Worker(db)
 
     def on_signal(signum: int, _frame: object) -> None:
-        log.info("%s got signal %d; finishing the current epoch", worker.name, signum)
+        if worker.stopping:
+            log.warning("%s got signal %d again; exiting now", worker.name, signum)
+            logging.shutdown()
+            os._exit(128 + signum)
+        log.info("%s got signal %d; handing back after the current epoch", worker.name, signum)
         worker.stop()
+        # A bound on the hand-back: past it the heartbeat reaper takes over the trial.
+        timer = threading.Timer(settings.stop_timeout, _exit_late, args=(worker.name,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    attempt = 0
+    while not worker.stopping:
+        try:
+            upgrade(db)
+            break
+        except Exception as exc:  # the database may not be up yet (cold start, outage)
+            attempt += 1
+            delay = min(ERROR_BACKOFF_FIRST_S * 2 ** (attempt - 1), ERROR_BACKOFF_MAX_S)
+            log.warning("%s: database not ready (%s); trying again in %.1f s", worker.name,
+                        _one_line(exc), delay)
+            worker._stop.wait(delay)
     try:
         worker.run()
     finally:
         db.dispose()
+
+
+def _exit_late(name: str) -> None:
+    log.error("%s did not stop within HPTUNE_STOP_TIMEOUT; exiting now", name)
+    logging.shutdown()
+    os._exit(1)

@@ -131,10 +131,18 @@ def _resource_refs(page: str) -> list[str]:
 # --- HTML ----------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The study, its report and its page, shared read-only by the HTML tests."""
+    path = tmp_path_factory.mktemp("formats") / "s.db"
+    study = _build(optuna.storages.RDBStorage(f"sqlite:///{path}"))
+    report = build_report(study, _spec(), _job())
+    return study, report, render_html(report, study)
+
+
 @pytest.fixture
-def page(storage):
-    study = _build(storage)
-    return render_html(build_report(study, _spec(), _job()), study)
+def page(built):
+    return built[2]
 
 
 def test_html_is_one_self_contained_page(page):
@@ -166,11 +174,9 @@ def test_html_escapes_what_users_and_trials_supply(page):
     assert f"<title>hptune report: {EVIL_NAME}" not in page
 
 
-def test_html_lists_every_stopped_trial_with_its_reason(storage):
-    study = _build(storage)
-    report = build_report(study, _spec(), _job())
+def test_html_lists_every_stopped_trial_with_its_reason(built):
+    _, report, page = built
     assert {r["number"] for r in report["stopped_trials"]} == STOPPED
-    page = render_html(report, study)
     table = page[page.index('<section id="stopped">'):]
     numbers = {int(n) for n in re.findall(r'<tr id="trial-(\d+)">', table)}
     assert numbers == STOPPED
@@ -180,10 +186,8 @@ def test_html_lists_every_stopped_trial_with_its_reason(storage):
     assert "cancelled with its job" in table
 
 
-def test_html_shows_summary_best_trial_and_compute_saved(storage):
-    study = _build(storage)
-    report = build_report(study, _spec(), _job())
-    page = render_html(report, study)
+def test_html_shows_summary_best_trial_and_compute_saved(built):
+    _, report, page = built
     best = report["best_trial"]
     assert f"Best trial #{best['number']}" in page
     assert f"{best['value']:.4g}" in page
