@@ -15,6 +15,7 @@ Usage: python benchmarks/trainer_vs_torch.py [--epochs 7] [--batch-sizes 16 32 1
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -39,7 +40,7 @@ def benchmark_data() -> Dataset:
 
 def n_parameters(n_in: int, hidden: tuple[int, ...], n_out: int) -> int:
     sizes = (n_in, *hidden, n_out)
-    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:

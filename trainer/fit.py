@@ -251,6 +251,7 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
         if config.restore_best and best_epoch is not None:
             np.copyto(net.params, best_params)
         test = net.evaluate(data.X_test, data.y_test)
+    net.release_buffers()
     if classification:
         test_metrics = {"accuracy": test["accuracy"], "loss": test["loss"]}
     else:

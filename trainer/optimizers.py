@@ -114,11 +114,11 @@ class Momentum(Optimizer):
         return (np.zeros_like(p), np.empty_like(p))
 
     def _update(self, p, g, state):
-        buf, tmp = state
+        buf, _ = state
         buf *= self.momentum
         buf += g
-        np.multiply(buf, self.lr, out=tmp)
-        p -= tmp
+        np.multiply(buf, self.lr, out=g)  # g is free now: use it as scratch
+        p -= g
 
 
 class Nesterov(Momentum):
@@ -145,26 +145,27 @@ class Adam(Optimizer):
         self._set_decay_rate(self.beta1, self.beta2)
 
     def _init_state(self, p):
-        return (np.zeros_like(p), np.zeros_like(p), np.empty_like(p))
+        return (np.zeros_like(p), np.zeros_like(p))
 
     def _update(self, p, g, state):
         # The moments are stored unnormalised, M = m / (1 - beta1) and V = v / (1 - beta2),
-        # so that each update is M = beta1*M + g (two in-place ops, no scaled temporary);
-        # the constant factors fold into the scalar step size and eps below.
-        big_m, big_v, tmp = state
+        # so each update is M = beta1*M + g (two in-place ops, no scaled temporary); the
+        # constant factors fold into the scalar step size and eps below. g serves as the
+        # scratch buffer: fewer arrays in cache, and every op is in place.
+        big_m, big_v = state
         b1, b2, t = self.beta1, self.beta2, self.t
         k1 = (1.0 - b1) / (1.0 - b1**t)
         k2 = math.sqrt((1.0 - b2) / (1.0 - b2**t))
         big_m *= b1
         big_m += g
-        np.multiply(g, g, out=tmp)
+        g *= g
         big_v *= b2
-        big_v += tmp
-        np.sqrt(big_v, out=tmp)
-        tmp += self.eps / k2
-        np.divide(big_m, tmp, out=tmp)
-        tmp *= self.lr * k1 / k2
-        p -= tmp
+        big_v += g
+        np.sqrt(big_v, out=g)
+        g += self.eps / k2
+        np.divide(big_m, g, out=g)
+        g *= self.lr * k1 / k2
+        p -= g
 
 
 class AdamW(Adam):

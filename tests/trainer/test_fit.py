@@ -306,3 +306,20 @@ def test_from_arrays_dataset_trains():
     data = from_arrays(X, y, seed=1, name="upload-1")
     result = fit(TrainConfig(hidden_layers=(16,), max_epochs=15, learning_rate=1e-2), data)
     assert result.test_metrics["accuracy"] > 0.85
+
+
+def test_linear_model_and_float64(digits):
+    result = fit(
+        TrainConfig(hidden_layers=(), max_epochs=3, learning_rate=1e-2, dtype="float64"), digits
+    )
+    assert result.network.params.dtype == np.float64
+    assert result.history[-1]["val_accuracy"] > 0.85
+
+
+def test_result_to_dict_is_plain():
+    import json
+
+    data = load_dataset("iris", seed=0)
+    result = fit(TrainConfig(hidden_layers=(8,), max_epochs=2), data)
+    payload = json.loads(json.dumps(result.to_dict()))
+    assert payload["stopped_epoch"] == 2 and payload["stop_reason"] == "max_epochs"

@@ -1,0 +1,199 @@
+"""Reports, pictures, events and metrics of a finished job, served by a real server."""
+
+import csv
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import httpx
+import optuna
+import pytest
+from optuna.trial import TrialState
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import create_key
+
+JOB = {
+    "name": "monitored",
+    "dataset": "digits",
+    "n_trials": 12,
+    "max_epochs": 10,
+    "search_space": {"batch_size": {"choices": [64, 128]}},
+    "sampler": {"name": "random", "seed": 5},
+    "pruner": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 2},
+    "early_stopping": {"patience": 2},
+    "model": {"hidden_layers": [32]},
+}
+
+
+@pytest.fixture(scope="module")
+def finished(server):
+    client = server.client("monitor")
+    job = client.post("/api/v1/jobs", json=JOB).json()
+    job = server.wait_job(client, job["id"])
+    assert job["status"] == "succeeded"
+    study = optuna.load_study(study_name=f"job-{job['id']}",
+                              storage=server.env["HPTUNE_DATABASE_URL"])
+    return client, job, study
+
+
+def test_report_matches_the_study(finished):
+    client, job, study = finished
+    report = client.get(f"/api/v1/jobs/{job['id']}/report").json()
+    trials = study.get_trials()
+    by_state = {s: sum(t.state == s for t in trials) for s in TrialState}
+    assert report["counts"]["complete"] == by_state[TrialState.COMPLETE]
+    assert report["counts"]["pruned"] == by_state[TrialState.PRUNED]
+    assert report["counts"]["failed"] == by_state[TrialState.FAIL]
+    assert report["best_trial"]["number"] == study.best_trial.number
+    assert report["best_trial"]["value"] == study.best_value
+    assert report["best_trial"]["best_epoch"] == study.best_trial.user_attrs["best_epoch"]
+    assert report["best_trial"]["test_metrics"]["accuracy"] == \
+        study.best_trial.user_attrs["test_accuracy"]
+    assert report["total_epochs"] == sum(len(t.intermediate_values) for t in trials)
+
+    stopped = {r["number"]: r for r in report["stopped_trials"]}
+    expected_saved = {"pruned_epochs": 0, "early_stopped_epochs": 0}
+    for t in trials:
+        reason = t.user_attrs["stop_reason"]
+        if reason == "max_epochs":
+            assert t.number not in stopped
+            continue
+        row = stopped[t.number]
+        assert row["stop_reason"] == reason and row["reason"]
+        if reason == "pruned":
+            assert row["stopped_epoch"] == len(t.intermediate_values)
+            assert row["details"]["prune_cutoff"] is not None
+            expected_saved["pruned_epochs"] += JOB["max_epochs"] - len(t.intermediate_values)
+        if reason == "early_stopped":
+            assert row["stopped_epoch"] - row["best_epoch"] == JOB["early_stopping"]["patience"]
+            expected_saved["early_stopped_epochs"] += \
+                JOB["max_epochs"] - len(t.intermediate_values)
+    saved = report["compute_saved"]
+    assert saved["pruned_epochs"] == expected_saved["pruned_epochs"] > 0
+    assert saved["early_stopped_epochs"] == expected_saved["early_stopped_epochs"]
+    assert saved["full_budget_epochs"] == JOB["n_trials"] * JOB["max_epochs"]
+    assert saved["pruned_epochs_share"] == pytest.approx(
+        saved["pruned_epochs"] / saved["full_budget_epochs"], abs=1e-4)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("name", ["learning_curves", "history", "importances", "lr_vs_batch"])
+def test_plot_endpoints_return_pngs_of_the_asked_size(finished, name):
+    client, job, _ = finished
+    r = client.get(f"/api/v1/jobs/{job['id']}/plots/{name}", params={"width": 640, "height": 480})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert _png_size(r.content) == (640, 480)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(io.BytesIO(r.content)).shape[:2] == (480, 640)
+
+
+def test_unknown_plot_and_bad_size(finished):
+    client, job, _ = finished
+    assert client.get(f"/api/v1/jobs/{job['id']}/plots/pie").status_code == 404
+    r = client.get(f"/api/v1/jobs/{job['id']}/plots/history", params={"width": 10})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "query.width"
+
+
+def test_csv_and_html_formats(finished):
+    client, job, study = finished
+    r = client.get(f"/api/v1/jobs/{job['id']}/report", params={"format": "csv"})
+    assert r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert [int(row["number"]) for row in rows] == [t.number for t in study.get_trials()]
+    r = client.get(f"/api/v1/jobs/{job['id']}/report", params={"format": "html"})
+    assert r.headers["content-type"].startswith("text/html")
+    assert "monitored" in r.text and "http://" not in r.text and "https://" not in r.text
+    assert r.text.count("data:image/png;base64,") == 4
+
+
+def test_event_stream_delivers_the_final_state(server):
+    client = server.client("monitor")
+    job = client.post("/api/v1/jobs", json={**JOB, "n_trials": 3, "max_epochs": 3}).json()
+    events = []
+    with client.stream("GET", f"/api/v1/jobs/{job['id']}/events", timeout=120) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    jobs = [e for k, e in events if k == "job"]
+    trials = [e for k, e in events if k == "trial"]
+    assert jobs[-1]["status"] == "succeeded" and jobs[-1]["finished"] == 3
+    finished_numbers = {t["number"] for t in trials if t["state"] in ("COMPLETE", "PRUNED")}
+    assert finished_numbers == {0, 1, 2}
+
+
+def test_metrics_parse_with_the_prometheus_parser(finished, server):
+    _, job, study = finished
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    jobs = {s.labels["status"]: s.value for s in families["hptune_jobs"].samples}
+    assert jobs["succeeded"] >= 1
+    trials = {s.labels["state"]: s.value for s in families["hptune_trials"].samples}
+    assert trials["COMPLETE"] + trials["PRUNED"] >= JOB["n_trials"]
+    hist = families["hptune_trial_duration_seconds"]
+    count = next(s.value for s in hist.samples if s.name.endswith("_count"))
+    assert count >= JOB["n_trials"]
+    saved = {s.labels["cause"]: s.value for s in families["hptune_epochs_saved"].samples
+             if s.name.endswith("_total")}
+    assert saved["pruned"] > 0
+    assert "hptune_workers_live" in families
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--hide-scrollbars"]
+
+
+def _chromium(tmp_path, *args, timeout=90):
+    profile = tmp_path / "profile"
+    return subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("HPTUNE_REQUIRE_BROWSER"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_and_dashboard_in_a_real_browser(finished, server, tmp_path):
+    assert CHROMIUM, "HPTUNE_REQUIRE_BROWSER is set but chromium is missing"
+    client, job, _ = finished
+    html = client.get(f"/api/v1/jobs/{job['id']}/report", params={"format": "html"}).text
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    shot = tmp_path / "report.png"
+    # Opened from a file, with the network closed: the page must need nothing else.
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", page.as_uri())
+    assert shot.stat().st_size > 50_000
+    dom = _chromium(tmp_path, "--dump-dom", page.as_uri()).stdout
+    assert "monitored" in dom and "img" in dom
+
+    admin = create_key(server.env, "ops", admin=True)
+    login = f"{server.url}/dashboard/login?key={admin}"
+    dom = _chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", login).stdout
+    assert f"job-{job['id']}" in dom, dom[:2000]
+    shot = tmp_path / "dashboard.png"
+    _chromium(tmp_path, "--virtual-time-budget=15000", f"--screenshot={shot}",
+              "--window-size=1400,900", login)
+    assert shot.stat().st_size > 20_000
+    print(f"screenshots: {tmp_path / 'report.png'} {shot}")
+
+
+def test_dashboard_is_admin_only(server):
+    user = server.client("plain-user")
+    assert httpx.get(f"{server.url}/dashboard").status_code == 401
+    assert user.get("/dashboard").status_code == 403
+    assert user.get("/api/studies").status_code == 403
+    admin = create_key(server.env, "root", admin=True)
+    r = httpx.get(f"{server.url}/api/studies", headers={"Authorization": f"Bearer {admin}"})
+    assert r.status_code == 200 and "study_summaries" in r.json()
