@@ -185,6 +185,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
             round(saved[f"{kind}_seconds"] / full_seconds, 4) if full_seconds else 0.0)
 
     starts = [t.datetime_start for t in trials if t.datetime_start]
+    audit = pruning_audit(rows, maximize)
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
     return {
@@ -196,4 +197,61 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
         "total_epochs": total_epochs,
         "compute_saved": saved,
         "stopped_trials": stopped,
+        "pruning_audit": audit,
+    }
+
+
+def pruning_audit(rows: list[dict[str, Any]], maximize: bool) -> dict[str, Any] | None:
+    """What the audited trials (pruned, then trained to the end anyway) say about the pruner.
+
+    A false prune is an audited trial whose final value beats the best trial the pruner kept:
+    it would have won the job. Regret is how much better the best of them would have been.
+    """
+    audited = [r for r in rows if r["details"].get("audited")]
+    if not audited:
+        return None
+    kept = sorted(r["value"] for r in rows if r["state"] == "COMPLETE" and r["value"] is not None)
+    best_kept = (kept[-1] if maximize else kept[0]) if kept else None
+    median_kept = kept[len(kept) // 2] if kept else None
+
+    def better(a: float, b: float) -> bool:
+        return a > b if maximize else a < b
+
+    items = []
+    for r in audited:
+        d = r["details"]
+        final = d.get("audit_best_value")
+        beaten = sum(1 for v in kept if final is not None and better(final, v))
+        items.append({
+            "number": r["number"],
+            "prune_step": d.get("prune_step"),
+            "prune_rung": d.get("prune_rung"),
+            "value_at_prune": d.get("prune_value"),
+            "cutoff": d.get("prune_cutoff"),
+            "final_value": final,
+            "trained_epochs": d.get("audit_trained_epochs"),
+            "share_of_kept_beaten": round(beaten / len(kept), 4) if kept else None,
+            "false_prune": bool(final is not None and best_kept is not None
+                                and better(final, best_kept)),
+        })
+    finals = [i["final_value"] for i in items if i["final_value"] is not None]
+    best_audited = (max(finals) if maximize else min(finals)) if finals else None
+    regret = None
+    if best_audited is not None and best_kept is not None:
+        gap = best_audited - best_kept if maximize else best_kept - best_audited
+        regret = max(gap, 0.0)
+    false = [i for i in items if i["false_prune"]]
+    return {
+        "n_audited": len(items),
+        "false_prunes": len(false),
+        "false_prune_rungs": sorted({i["prune_rung"] if i["prune_rung"] is not None
+                                     else i["prune_step"] for i in false}),
+        "beat_median_kept": sum(1 for i in items if i["final_value"] is not None
+                                and median_kept is not None
+                                and better(i["final_value"], median_kept)),
+        "best_kept_value": best_kept,
+        "best_audited_value": best_audited,
+        "regret": regret,
+        "audit_epochs": sum((i["trained_epochs"] or 0) - (i["prune_step"] or 0) for i in items),
+        "trials": items,
     }

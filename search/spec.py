@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The four core dimensions every job searches unless the spec fixes them.
 CORE_PARAMS = ("learning_rate", "batch_size", "dropout", "weight_decay")
 
-SAMPLERS = ("random", "tpe")
-PRUNERS = ("none", "median", "successive_halving", "hyperband")
+SAMPLERS = ("random", "tpe", "gp", "qmc", "cmaes")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold",
+           "patient")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
@@ -87,19 +88,65 @@ class SearchSpace(_Strict):
 
 
 class SamplerSpec(_Strict):
-    name: Literal["random", "tpe"] = "tpe"
-    seed: int | None = None
+    """How the next configuration is chosen; every sampler is seedable."""
+
+    name: Literal["random", "tpe", "gp", "qmc", "cmaes"] = "tpe"
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # Random configurations before the model-based samplers take over.
     n_startup_trials: int = Field(default=8, ge=1, le=1000)
 
 
 class PrunerSpec(_Strict):
-    name: Literal["none", "median", "successive_halving", "hyperband"] = "hyperband"
-    # Epochs before any trial may be pruned.
+    """When a trial is stopped for lagging behind its peers; rungs are counted in epochs."""
+
+    name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
+                  "threshold", "patient"] = "hyperband"
+    # Successive halving and Hyperband: the first rung, and the keep-one-in-N factor.
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2, le=10)
-    # Median pruner: completed trials needed before pruning starts, and epochs to wait.
+    # Median and percentile: completed trials needed before pruning starts, epochs to wait.
     n_startup_trials: int = Field(default=5, ge=0)
     n_warmup_steps: int = Field(default=2, ge=0)
+    # Percentile: keep the trials above this percentile at each epoch.
+    percentile: float = Field(default=25.0, gt=0, lt=100)
+    # Threshold: prune when the metric leaves [lower, upper].
+    lower: float | None = None
+    upper: float | None = None
+    # Patient: wait this many epochs without improvement before asking `wrapped`.
+    patience: int = Field(default=2, ge=0)
+    min_delta: float = Field(default=0.0, ge=0)
+    wrapped: PrunerSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PrunerSpec:
+        if self.name == "threshold":
+            if self.lower is None and self.upper is None:
+                raise ValueError("threshold pruner needs lower or upper")
+            if self.lower is not None and self.upper is not None and self.lower > self.upper:
+                raise ValueError("lower must be <= upper")
+        if self.wrapped is not None:
+            if self.name != "patient":
+                raise ValueError("only the patient pruner wraps another pruner")
+            if self.wrapped.name == "patient":
+                raise ValueError("a patient pruner cannot wrap another patient pruner")
+        return self
+
+
+class WarmStartSpec(_Strict):
+    """Configurations to evaluate first: given here, or the best trials of an earlier job."""
+
+    configs: list[dict[str, float]] = Field(default=[], max_length=100)
+    from_job: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    top_k: int = Field(default=5, ge=1, le=100)
+
+    @field_validator("configs")
+    @classmethod
+    def _known_params(cls, v: list[dict[str, float]]) -> list[dict[str, float]]:
+        for i, cfg in enumerate(v):
+            unknown = set(cfg) - set(CORE_PARAMS)
+            if unknown:
+                raise ValueError(f"configs[{i}] has unknown parameter(s) {sorted(unknown)}")
+        return v
 
 
 class EarlyStoppingSpec(_Strict):
@@ -131,6 +178,10 @@ class JobSpec(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     early_stopping: EarlyStoppingSpec = EarlyStoppingSpec()
     model: ModelSpec = ModelSpec()
+    warm_start: WarmStartSpec = WarmStartSpec()
+    # Share of would-be-pruned trials that train on to max_epochs anyway, so the report can
+    # tell how often the pruner threw away a winner. Audited trials never count as best.
+    audit_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
@@ -141,10 +192,29 @@ class JobSpec(_Strict):
             raise ValueError("dataset must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _warm_configs_in_space(self) -> JobSpec:
+        for i, cfg in enumerate(self.warm_start.configs):
+            for name, value in cfg.items():
+                if not in_space(self.search_space, name, value):
+                    raise ValueError(f"warm_start.configs[{i}].{name}={value} lies outside the "
+                                     "search space")
+        return self
+
     @property
     def direction(self) -> str:
         """`maximize` for accuracy and R^2, `minimize` for losses."""
         return metric_direction(self.metric)
+
+
+def in_space(space: SearchSpace, name: str, value: float) -> bool:
+    """Whether `value` is a point the search space's dimension `name` can take."""
+    dim = getattr(space, name)
+    if isinstance(dim, Fixed):
+        return value == dim.value
+    if isinstance(dim, IntChoices):
+        return value in dim.choices
+    return dim.low <= value <= dim.high
 
 
 def metric_direction(metric: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from search.spec import Fixed, FloatRange, IntChoices, JobSpec
+from search.spec import Fixed, FloatRange, IntChoices, JobSpec, PrunerSpec
 from trainer import Dataset, TrainConfig, fit
 
 # Keys of the trial user attributes that explain an outcome; the report reads them back.
@@ -41,12 +42,43 @@ def study_name_for(job_id: int) -> str:
     return f"job-{job_id}"
 
 
+class MissingExtra(ValueError):
+    """A sampler needs an optional dependency that is not installed."""
+
+
+def sampler_available(name: str) -> str | None:
+    """None if the sampler can run here, else what to install for it."""
+    if name == "gp":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            return "sampler 'gp' needs PyTorch: install the extra hptune[gp]"
+    return None
+
+
 def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     """The spec's sampler; `seed_offset` keeps parallel workers from drawing the same points."""
     base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
     seed = (base * 1_000_003 + seed_offset) % (2**32)
-    if spec.sampler.name == "random":
+    name = spec.sampler.name
+    missing = sampler_available(name)
+    if missing:
+        raise MissingExtra(missing)
+    if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        # One scrambled Sobol sequence shared by every worker (the same seed), indexed by trial.
+        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=base,
+                                          warn_asynchronous_seeding=False,
+                                          warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(
+            seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+            consider_pruned_trials=True, warn_independent_sampling=False,
+            independent_sampler=optuna.samplers.RandomSampler(seed=seed))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                         warn_independent_sampling=False)
     return optuna.samplers.TPESampler(
         seed=seed,
         n_startup_trials=spec.sampler.n_startup_trials,
@@ -56,24 +88,32 @@ def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSa
     )
 
 
-def build_pruner(spec: JobSpec) -> optuna.pruners.BasePruner:
+def build_pruner(spec: JobSpec | PrunerSpec, max_epochs: int | None = None
+                 ) -> optuna.pruners.BasePruner:
     """The spec's pruner, with rungs counted in epochs."""
-    p = spec.pruner
+    if isinstance(spec, JobSpec):
+        return build_pruner(spec.pruner, spec.max_epochs)
+    p = spec
     if p.name == "none":
         return optuna.pruners.NopPruner()
     if p.name == "median":
         return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
-        )
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "percentile":
+        return optuna.pruners.PercentilePruner(
+            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
     if p.name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
-        )
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor)
+    if p.name == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper,
+                                              n_warmup_steps=p.n_warmup_steps)
+    if p.name == "patient":
+        wrapped = build_pruner(p.wrapped, max_epochs) if p.wrapped else None
+        return optuna.pruners.PatientPruner(wrapped, patience=p.patience, min_delta=p.min_delta)
     return optuna.pruners.HyperbandPruner(
-        min_resource=p.min_resource,
-        max_resource=spec.max_epochs,
-        reduction_factor=p.reduction_factor,
-    )
+        min_resource=p.min_resource, max_resource=max_epochs or "auto",
+        reduction_factor=p.reduction_factor)
 
 
 def distributions(spec: JobSpec) -> dict[str, BaseDistribution]:
@@ -112,8 +152,13 @@ def train_config(spec: JobSpec, params: dict[str, Any]) -> TrainConfig:
 
 
 def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
-                 attrs: dict[str, Any]) -> optuna.Study:
-    """Create the job's study with its spec and settings as user attributes."""
+                 attrs: dict[str, Any], warm_configs: list[dict[str, Any]] = ()
+                 ) -> optuna.Study:
+    """Create the job's study with its spec and settings as user attributes.
+
+    The spec's warm-start configurations, then `warm_configs` (say, the best trials of an
+    earlier job), are queued so that the first trials evaluate them.
+    """
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -125,6 +170,11 @@ def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
     study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    searched = distributions(spec)
+    for cfg in [*spec.warm_start.configs, *warm_configs]:
+        params = {k: v for k, v in cfg.items() if k in searched}
+        if params:
+            study.enqueue_trial(params, skip_if_exists=True)
     return study
 
 
@@ -149,16 +199,31 @@ class TrialOutcome:
     value: float | None
 
 
-def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int) -> dict[str, Any]:
-    """Why the pruner stopped `trial` at `step`: its value, the cut-off and the peer count."""
-    pruner = study.pruner
+def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int,
+                  pruner: optuna.pruners.BasePruner | None = None) -> dict[str, Any]:
+    """Why the pruner stopped `trial` at `step`: its value, the cut-off and the peer count.
+
+    Mirrors the decision rules of Optuna's pruners (reading their settings), so the report can
+    say what the trial was compared with.
+    """
+    pruner = pruner or study.pruner
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     value = trial.intermediate_values.get(step, math.nan)
     info: dict[str, Any] = {"pruner": _pruner_name(pruner), "prune_step": step,
                             "prune_value": value}
+    if isinstance(pruner, optuna.pruners.PatientPruner):
+        inner = pruner._wrapped_pruner
+        details = explain_prune(study, trial, step, inner) if inner else {}
+        details.update(pruner="patient", prune_patience=pruner._patience,
+                       prune_wrapped=_pruner_name(inner) if inner else "none")
+        return details
+    if isinstance(pruner, optuna.pruners.ThresholdPruner):
+        lower, upper = pruner._lower, pruner._upper
+        info["prune_cutoff"] = lower if lower is not None and value < lower else upper
+        return info
     if isinstance(pruner, optuna.pruners.PercentilePruner):
-        # The median pruner compares the trial's best-so-far with the completed trials'
-        # median at the same step.
+        # Compares the trial's best-so-far with a percentile of the completed trials' values
+        # at the same step.
         values = list(trial.intermediate_values.values())
         best = float(np.nanmax(values) if maximize else np.nanmin(values))
         peers = [
@@ -168,7 +233,8 @@ def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int) -> dict[st
         ]
         info.update(prune_value=best, prune_n_peers=len(peers))
         if peers:
-            info["prune_cutoff"] = float(np.nanmedian(peers))
+            q = pruner._percentile
+            info["prune_cutoff"] = float(np.nanpercentile(peers, 100 - q if maximize else q))
         return info
     if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner):
         rungs = sorted(
@@ -194,10 +260,14 @@ def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int) -> dict[st
 
 
 def _pruner_name(pruner: optuna.pruners.BasePruner) -> str:
+    if isinstance(pruner, optuna.pruners.MedianPruner):
+        return "median"
     names = {
-        optuna.pruners.MedianPruner: "median",
+        optuna.pruners.PercentilePruner: "percentile",
         optuna.pruners.SuccessiveHalvingPruner: "successive_halving",
         optuna.pruners.HyperbandPruner: "hyperband",
+        optuna.pruners.ThresholdPruner: "threshold",
+        optuna.pruners.PatientPruner: "patient",
         optuna.pruners.NopPruner: "none",
     }
     return names.get(type(pruner), type(pruner).__name__)
@@ -223,19 +293,24 @@ def run_trial(
         trial.set_user_attr(f"fixed_{key}", value)
     pruned_at: list[int] = []
     cancelled: list[bool] = []
+    # Audited trials keep training after the pruner's verdict, silently: the study sees exactly
+    # what it would have seen without the audit.
+    audit = _audit_draw(spec, trial.number)
     started = time.perf_counter()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        if should_stop():
+            cancelled.append(True)
+            return True
+        if pruned_at:
+            return False  # an audited trial, training on past its pruning
         value = float(metrics[spec.metric])
         if not math.isfinite(value):
             return False  # the trainer itself stops diverged runs
         trial.report(value, epoch)
-        if should_stop():
-            cancelled.append(True)
-            return True
         if trial.should_prune():
             pruned_at.append(epoch)
-            return True
+            return not audit
         return False
 
     try:
@@ -264,6 +339,18 @@ def run_trial(
         reason, state = PRUNED, TrialState.PRUNED
         frozen = study._storage.get_trial(trial._trial_id)
         attrs.update(explain_prune(study, frozen, pruned_at[0]))
+        if audit:
+            attrs.update({
+                "audited": True,
+                "audit_best_value": attrs.pop("best_value"),
+                "audit_best_epoch": attrs[ATTR_BEST_EPOCH],
+                "audit_trained_epochs": result.stopped_epoch,
+                "audit_stop_reason": result.stop_reason,
+                ATTR_STOPPED_EPOCH: pruned_at[0],
+                ATTR_BEST_EPOCH: _best_epoch(frozen, spec.direction),
+            })
+            for key in [k for k in attrs if k.startswith("test_")]:
+                attrs[f"audit_{key}"] = attrs.pop(key)
     elif result.stop_reason == "diverged":
         reason, state = DIVERGED, TrialState.PRUNED
         attrs["diverged_epoch"] = result.stopped_epoch
@@ -287,6 +374,21 @@ def run_trial(
     else:
         study.tell(trial, state=state)
     return TrialOutcome(trial.number, state, reason, value)
+
+
+def _audit_draw(spec: JobSpec, number: int) -> bool:
+    """Whether trial `number` is audited: a fixed draw per (seed, trial), at audit_fraction."""
+    if spec.audit_fraction <= 0:
+        return False
+    return random.Random(f"{spec.seed}:{number}").random() < spec.audit_fraction
+
+
+def _best_epoch(trial: FrozenTrial, direction: str) -> int | None:
+    values = trial.intermediate_values
+    if not values:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(values, key=lambda step: values[step])
 
 
 def _finite_or_none(value: float | None) -> float | None:

@@ -151,6 +151,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                   _fmt(p.get("learning_rate")), _fmt(p.get("batch_size")),
                   _fmt(p.get("dropout")), _fmt(p.get("weight_decay")), short_reason(r))
     console.print(t)
+    a = report.get("pruning_audit")
+    if a:
+        console.print(
+            f"pruning audit: {a['false_prunes']} of {a['n_audited']} audited trials would have "
+            f"beaten the best kept trial; regret {_fmt(a['regret'])}")
     s = report["compute_saved"]
     console.print(
         f"compute saved: pruning {s['pruned_epochs']} epochs "

@@ -22,6 +22,8 @@ from search import (
     trial_to_dict,
 )
 from search.datasets import bundled_names
+from search.spec import in_space
+from search.study import sampler_available
 from service.db import Database, retrying
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, as_utc, utcnow
@@ -57,6 +59,9 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
             task = get_dataset(db, owner, spec.dataset).task
         except NotFound:
             raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset") from None
+    missing = sampler_available(spec.sampler.name)
+    if missing:
+        raise InvalidSpec(missing, field="sampler.name")
     allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
     if spec.metric not in allowed:
         raise InvalidSpec(f"metric {spec.metric!r} does not fit a {task} dataset; use one of "
@@ -77,9 +82,37 @@ def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
                             f"the quota of {s.max_queued_trials_per_owner}", field="n_trials")
 
 
+def warm_start_configs(db: Database, owner: str, spec: JobSpec) -> list[dict[str, Any]]:
+    """The best finished trials of `warm_start.from_job` that fit this job's search space."""
+    ws = spec.warm_start
+    if ws.from_job is None:
+        return []
+    try:
+        earlier = get_job(db, owner, ws.from_job)
+    except NotFound:
+        raise InvalidSpec(f"no job {ws.from_job} to warm-start from",
+                          field="warm_start.from_job") from None
+    if earlier.spec.get("dataset") != spec.dataset:
+        raise InvalidSpec(f"job {ws.from_job} tuned dataset {earlier.spec.get('dataset')!r}, "
+                          f"not {spec.dataset!r}", field="warm_start.from_job")
+    done = [t for t in study_trials(db, earlier)
+            if t.state == TrialState.COMPLETE and t.value is not None
+            and not t.user_attrs.get("audited")]
+    done.sort(key=lambda t: t.value, reverse=spec.direction == "maximize")
+    configs = []
+    for t in done:
+        cfg = {k: v for k, v in t.params.items() if in_space(spec.search_space, k, v)}
+        if cfg and cfg not in configs:
+            configs.append(cfg)
+        if len(configs) >= ws.top_k:
+            break
+    return configs
+
+
 def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
     """Store a queued job and create its study, with the spec as study attributes."""
     _check_spec(db, owner, spec)
+    warm = warm_start_configs(db, owner, spec)
     with db.session() as s:
         _check_quota(db, s, owner, spec)
         job = Job(owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
@@ -92,7 +125,7 @@ def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
         retrying(lambda: create_study(spec, db.storage, name, {
             "job_id": job_id, "job_name": spec.name, "owner": owner,
             "dataset": spec.dataset, "n_trials": spec.n_trials,
-        }))
+        }, warm))
     except Exception:
         with db.session() as s:
             s.delete(s.get(Job, job_id))

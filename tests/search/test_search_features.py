@@ -1,0 +1,155 @@
+"""Samplers, pruners, warm start and the pruning audit, on real studies in SQLite."""
+
+import importlib.util
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from pydantic import ValidationError
+
+from search import JobSpec, build_report, create_study, load_study, run_trial
+from search.datasets import bundled
+from search.study import MissingExtra, build_pruner, build_sampler
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+
+
+def _spec(**kw):
+    base = {"dataset": "digits", "n_trials": 6, "max_epochs": 4,
+            "search_space": {"batch_size": {"choices": [128, 256]}},
+            "sampler": {"name": "random", "seed": 0, "n_startup_trials": 2},
+            "pruner": {"name": "none"}, "early_stopping": {"patience": None},
+            "model": {"hidden_layers": [16]}}
+    base.update(kw)
+    return JobSpec.model_validate(base)
+
+
+def _run(storage, spec, n=None, name="job-1"):
+    create_study(spec, storage, name, {"job_id": 1})
+    data = bundled("digits", 0)
+    for i in range(n or spec.n_trials):
+        run_trial(load_study(spec, storage, name, seed_offset=i), spec, data)
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "qmc", "cmaes", "gp"])
+def test_every_sampler_runs_and_parallel_seeds_differ(storage, sampler):
+    spec = _spec(sampler={"name": sampler, "seed": 3, "n_startup_trials": 2})
+    if sampler == "gp" and not HAS_TORCH:
+        with pytest.raises(MissingExtra, match="hptune\\[gp\\]"):
+            build_sampler(spec)
+        return
+    study = _run(storage, spec, n=4)
+    params = [tuple(sorted(t.params.items())) for t in study.get_trials()]
+    assert len(params) == 4 and len(set(params)) == 4, params
+
+
+def test_same_seed_offsets_reproduce_and_differ():
+    spec = _spec(sampler={"name": "random", "seed": 9})
+    a = build_sampler(spec, 1).sample_independent(
+        None, None, "x", optuna.distributions.FloatDistribution(0, 1))
+    b = build_sampler(spec, 1).sample_independent(
+        None, None, "x", optuna.distributions.FloatDistribution(0, 1))
+    c = build_sampler(spec, 2).sample_independent(
+        None, None, "x", optuna.distributions.FloatDistribution(0, 1))
+    assert a == b != c
+
+
+def test_pruners_are_built_from_the_spec():
+    p = build_pruner(_spec(pruner={"name": "patient", "patience": 3,
+                                   "wrapped": {"name": "percentile", "percentile": 40}}))
+    assert isinstance(p, optuna.pruners.PatientPruner)
+    assert isinstance(p._wrapped_pruner, optuna.pruners.PercentilePruner)
+    assert p._wrapped_pruner._percentile == 40 and p._patience == 3
+    p = build_pruner(_spec(max_epochs=27, pruner={"name": "hyperband", "reduction_factor": 3}))
+    assert isinstance(p, optuna.pruners.HyperbandPruner) and p._max_resource == 27
+
+
+@pytest.mark.parametrize(("pruner", "msg"), [
+    ({"name": "threshold"}, "lower or upper"),
+    ({"name": "threshold", "lower": 0.9, "upper": 0.1}, "lower must be <= upper"),
+    ({"name": "median", "wrapped": {"name": "median"}}, "only the patient"),
+    ({"name": "patient", "wrapped": {"name": "patient"}}, "cannot wrap"),
+    ({"name": "percentile", "percentile": 100}, "less than 100"),
+])
+def test_bad_pruner_settings_are_rejected(pruner, msg):
+    with pytest.raises(ValidationError, match=msg):
+        _spec(pruner=pruner)
+
+
+def test_threshold_pruner_records_its_cutoff(storage):
+    spec = _spec(pruner={"name": "threshold", "lower": 0.99, "n_warmup_steps": 0},
+                 n_trials=2)
+    study = _run(storage, spec)
+    for t in study.get_trials():
+        assert t.state == TrialState.PRUNED
+        assert t.user_attrs["pruner"] == "threshold"
+        assert t.user_attrs["prune_cutoff"] == 0.99
+        assert t.user_attrs["prune_value"] < 0.99 and t.user_attrs["stopped_epoch"] == 1
+
+
+def test_patient_pruner_explains_through_its_wrapped_pruner(storage):
+    spec = _spec(n_trials=8, max_epochs=6,
+                 search_space={"learning_rate": {"low": 1e-5, "high": 0.3, "log": True},
+                               "batch_size": {"choices": [128, 256]}},
+                 pruner={"name": "patient", "patience": 0,
+                         "wrapped": {"name": "median", "n_startup_trials": 2,
+                                     "n_warmup_steps": 0}})
+    study = _run(storage, spec)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED
+              and t.user_attrs["stop_reason"] == "pruned"]
+    assert pruned
+    for t in pruned:
+        assert t.user_attrs["pruner"] == "patient" and t.user_attrs["prune_wrapped"] == "median"
+        assert t.user_attrs["prune_value"] < t.user_attrs["prune_cutoff"]
+
+
+def test_warm_start_configs_run_first(storage):
+    configs = [{"learning_rate": 0.01, "batch_size": 128, "dropout": 0.1,
+                "weight_decay": 1e-4},
+               {"learning_rate": 0.002, "batch_size": 256, "dropout": 0.0,
+                "weight_decay": 1e-5}]
+    spec = _spec(warm_start={"configs": configs}, n_trials=3)
+    study = _run(storage, spec)
+    trials = study.get_trials()
+    assert trials[0].params == configs[0] and trials[1].params == configs[1]
+    assert trials[2].params not in configs
+
+
+def test_warm_start_outside_the_space_is_rejected():
+    with pytest.raises(ValidationError, match="outside the search space"):
+        _spec(warm_start={"configs": [{"batch_size": 64}]})
+    with pytest.raises(ValidationError, match="unknown parameter"):
+        _spec(warm_start={"configs": [{"momentum": 0.9}]})
+
+
+def test_pruning_audit_trains_pruned_trials_on_silently(storage):
+    spec = _spec(n_trials=9, max_epochs=6, audit_fraction=1.0,
+                 search_space={"learning_rate": {"low": 1e-5, "high": 0.3, "log": True},
+                               "batch_size": {"choices": [128, 256]}},
+                 pruner={"name": "successive_halving", "reduction_factor": 2})
+    study = _run(storage, spec)
+    audited = [t for t in study.get_trials() if t.user_attrs.get("audited")]
+    assert audited, "with audit_fraction 1 every pruned trial is audited"
+    for t in audited:
+        assert t.state == TrialState.PRUNED
+        # The study saw only the epochs up to the pruning, as it would without the audit ...
+        assert len(t.intermediate_values) == t.user_attrs["prune_step"] == \
+            t.user_attrs["stopped_epoch"]
+        # ... while the trial trained on to the end.
+        assert t.user_attrs["audit_trained_epochs"] == spec.max_epochs
+        assert len(t.user_attrs["curves"]["val_accuracy"]) == spec.max_epochs
+    report = build_report(study, spec, {"id": 1})
+    audit = report["pruning_audit"]
+    assert audit["n_audited"] == len(audited)
+    kept = [t.value for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    finals = [t.user_attrs["audit_best_value"] for t in audited]
+    assert audit["false_prunes"] == sum(f > max(kept) for f in finals)
+    assert audit["regret"] == pytest.approx(max(0.0, max(finals) - max(kept)))
+    assert report["best_trial"]["number"] == study.best_trial.number
+    assert not study.best_trial.user_attrs.get("audited")

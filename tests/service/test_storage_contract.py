@@ -1,0 +1,231 @@
+"""The storage contract that exact trial counts rest on, run in-process against each backend.
+
+No training here: threads stand in for workers and drive Optuna's ask/tell directly through
+the same claim lock, slot count and retry queue the worker uses, so races show up quickly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search import JobSpec
+from service import jobs
+from service.db import ResilientRDBStorage
+from service.migrate import upgrade
+from service.settings import Settings
+
+N_TRIALS = 15
+N_THREADS = 6
+
+
+def _settings(url: str, **kw) -> Settings:
+    return Settings(database_url=url, heartbeat_interval=1, grace_period=2,
+                    max_trial_retries=2, **kw)
+
+
+def _open(url: str, **kw) -> jobs.Database:
+    return jobs.open_database(_settings(url, **kw), role="test", retry_seconds=10)
+
+
+@pytest.fixture
+def db(backend):
+    db = _open(backend.url)
+    upgrade(db)
+    yield db
+    db.dispose()
+
+
+def _job(db, n_trials: int = N_TRIALS, **spec) -> tuple[int, optuna.Study]:
+    spec = JobSpec.model_validate({"name": "contract", "n_trials": n_trials,
+                                   "sampler": {"name": "random", "seed": 0}, **spec})
+    job = jobs.create_job(db, "alice", spec)
+    return job.id, optuna.load_study(study_name=job.study_name, storage=db.storage)
+
+
+def _claim_and_ask(db, job_id: int, study_name: str) -> optuna.Trial | None:
+    """What a worker does: under the job's lock, take a slot and create the trial."""
+    with db.job_lock(job_id):
+        claim = jobs.claim_slot(db, job_id)
+        if claim is None:
+            return None
+        study = optuna.load_study(study_name=study_name, storage=db.storage)
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        return trial
+
+
+def test_slots_are_counted_from_trials_and_retries_pop_first(db):
+    job_id, study = _job(db, n_trials=3)
+    t0 = _claim_and_ask(db, job_id, study.study_name)
+    t1 = _claim_and_ask(db, job_id, study.study_name)
+    t2 = _claim_and_ask(db, job_id, study.study_name)
+    assert _claim_and_ask(db, job_id, study.study_name) is None, "a 4th slot of 3"
+    study.tell(t0, 0.5)
+    study.tell(t1, state=TrialState.FAIL)
+    failed = study._storage.get_trial(t1._trial_id)
+    assert jobs.retry_failed_trial(db, study, failed)
+    # Idempotent: the same failure is never queued twice, whoever asks again.
+    assert not jobs.retry_failed_trial(db, study, failed)
+    retry = _claim_and_ask(db, job_id, study.study_name)
+    assert retry is not None and retry.params == t1.params
+    frozen = study._storage.get_trial(retry._trial_id)
+    assert frozen.system_attrs["failed_trial"] == t1.number
+    assert frozen.system_attrs["retry_history"] == [t1.number]
+    assert _claim_and_ask(db, job_id, study.study_name) is None
+    study.tell(t2, 0.1)
+    study.tell(retry, 0.2)
+    assert jobs.refresh_job(db, job_id) == "succeeded"
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in states
+
+
+def test_no_retry_without_a_free_slot(db):
+    """A failure whose slot already went to a fresh trial is not queued on top of n_trials."""
+    job_id, study = _job(db, n_trials=2)
+    a = _claim_and_ask(db, job_id, study.study_name)
+    b = _claim_and_ask(db, job_id, study.study_name)
+    study.tell(a, state=TrialState.FAIL)   # failed, but its retry is not queued yet
+    c = _claim_and_ask(db, job_id, study.study_name)  # the free slot goes to a new sample
+    assert c is not None
+    assert not jobs.retry_failed_trial(db, study, study._storage.get_trial(a._trial_id))
+    study.tell(b, 1.0)
+    study.tell(c, 1.0)
+    assert jobs.refresh_job(db, job_id) == "succeeded"
+
+
+def test_retry_limit_then_fresh_samples(db):
+    job_id, study = _job(db, n_trials=1)
+    first = _claim_and_ask(db, job_id, study.study_name)
+    params = first.params
+    trial = first
+    for _ in range(db.settings.max_trial_retries):
+        study.tell(trial, state=TrialState.FAIL)
+        assert jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+        trial = _claim_and_ask(db, job_id, study.study_name)
+        assert trial.params == params
+    study.tell(trial, state=TrialState.FAIL)
+    # The limit is reached: no more retries, the slot goes to a fresh sample.
+    assert not jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+    fresh = _claim_and_ask(db, job_id, study.study_name)
+    assert "failed_trial" not in study._storage.get_trial(fresh._trial_id).system_attrs
+
+
+def test_hand_backs_do_not_use_up_the_retry_limit(db):
+    job_id, study = _job(db, n_trials=1)
+    trial = _claim_and_ask(db, job_id, study.study_name)
+    for _ in range(db.settings.max_trial_retries + 2):
+        trial.set_user_attr(jobs.STOP_CAUSE, jobs.HANDED_BACK)
+        study.tell(trial, state=TrialState.FAIL)
+        assert jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+        trial = _claim_and_ask(db, job_id, study.study_name)
+    assert len(study._storage.get_trial(trial._trial_id).system_attrs["retry_history"]) == (
+        db.settings.max_trial_retries + 2)
+
+
+def test_many_threads_never_exceed_n_trials(backend, db):
+    """Workers racing to claim, crash, retry and finish: exactly N_TRIALS finish."""
+    job_id, study = _job(db)
+    name = study.study_name
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = _open(backend.url)  # its own engines and locks, like another process
+        try:
+            while jobs.job_status(mine, job_id) in jobs.ACTIVE:
+                trial = _claim_and_ask(mine, job_id, name)
+                if trial is None:
+                    jobs.reap(mine)
+                    time.sleep(0.01)
+                    continue
+                s = optuna.load_study(study_name=name, storage=mine.storage)
+                if rng.random() < 0.3:  # crash: fail it, then (maybe twice) queue its retry
+                    s.tell(trial, state=TrialState.FAIL)
+                    frozen = s._storage.get_trial(trial._trial_id)
+                    jobs.retry_failed_trial(mine, s, frozen)
+                    jobs.retry_failed_trial(mine, s, frozen)
+                else:
+                    s.tell(trial, rng.random())
+                jobs.refresh_job(mine, job_id)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            mine.dispose()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    trials = study.get_trials()
+    assert len({t.number for t in trials}) == len(trials)
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == N_TRIALS
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    retries = [t for t in trials if "retry_history" in t.system_attrs]
+    parents = [t.system_attrs["retry_history"][-1] for t in retries]
+    assert len(parents) == len(set(parents)), "a failure was retried twice"
+    assert jobs.job_status(db, job_id) == "succeeded"
+
+
+def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
+    job_id, study = _job(db, n_trials=2)
+    silent = _claim_and_ask(db, job_id, study.study_name)  # never beats: died at once
+    beating = _claim_and_ask(db, job_id, study.study_name)
+    db.storage.record_heartbeat(beating._trial_id)  # beat once, then died
+    time.sleep(db.settings.grace_period + 1.5)
+    jobs.reap(db)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[silent.number] == TrialState.FAIL
+    assert states[beating.number] == TrialState.FAIL
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(
+        [silent.number, beating.number])
+    jobs.cancel_job(db, None, job_id)
+    jobs.reap(db)
+    # An ended job keeps nothing queued or running.
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+
+
+def test_state_change_is_atomic_between_tell_and_reaper(db):
+    """Only one of two racing state changes wins; the loser learns it and counts nothing."""
+    job_id, study = _job(db, n_trials=1)
+    trial = _claim_and_ask(db, job_id, study.study_name)
+    results: list[object] = []
+
+    def change(state: TrialState) -> None:
+        other = _open(db.settings.database_url)
+        try:
+            results.append(other.storage.set_trial_state_values(trial._trial_id, state=state))
+        except optuna.exceptions.UpdateFinishedTrialError as exc:
+            results.append(exc)
+        finally:
+            other.dispose()
+
+    threads = [threading.Thread(target=change, args=(s,))
+               for s in (TrialState.COMPLETE, TrialState.FAIL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r is True for r in results) == 1, results
+
+
+def test_timeout_fails_the_job_with_a_clear_error(db):
+    job_id, study = _job(db, n_trials=3, timeout_seconds=1)
+    trial = _claim_and_ask(db, job_id, study.study_name)
+    study.tell(trial, 0.5)
+    time.sleep(1.2)
+    assert jobs.refresh_job(db, job_id) == "failed"
+    job = jobs.get_job(db, None, job_id)
+    assert job.error.startswith("timed out after 1 s with 1 of 3 trials finished")
+
+
+def test_storage_is_resilient_subclass(db):
+    assert isinstance(db.storage, ResilientRDBStorage)
