@@ -157,7 +157,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     @app.post("/api/v1/jobs", status_code=201, response_model=JobPublic, tags=["jobs"])
     def submit_job(spec: JobSpec, db: DbDep, key: KeyDep) -> dict[str, Any]:
         """Queue a tuning job; workers start on it at once."""
-        return jobs.job_public(db, jobs.create_job(db, key.owner, spec), trials=[])
+        return jobs.job_public(db, jobs.create_job(db, key.owner, spec))
 
     @app.get("/api/v1/jobs", response_model=JobsPublic, tags=["jobs"])
     def list_jobs(db: DbDep, owner: OwnerDep,
@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
                   offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
         """The caller's jobs, newest first."""
         rows, count = jobs.list_jobs(db, owner, limit, offset)
-        return {"data": [jobs.job_public(db, j) for j in rows], "count": count}
+        return {"data": jobs.jobs_public(db, rows), "count": count}
 
     @app.get("/api/v1/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
     def get_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, text, update
 
 from search import (
     JobSpec,
     build_report,
     counts,
     create_study,
+    metric_direction,
     study_name_for,
     trial_to_dict,
 )
@@ -164,16 +165,51 @@ def study_trials(db: Database, job: Job) -> list[FrozenTrial]:
     return retrying(lambda: study.get_trials(deepcopy=False))
 
 
-def job_public(db: Database, job: Job, trials: list[FrozenTrial] | None = None) -> dict[str, Any]:
+# Counts and best values come straight from Optuna's tables in one aggregate query: loading
+# every trial of every listed job would cost a query per trial attribute. These tables and
+# columns (studies, trials.state, trial_values.value) have kept their shape since Optuna 2.
+_TRIAL_SUMMARY = text("""
+    SELECT s.study_name AS study, t.state AS state, count(*) AS n,
+           max(v.value) AS best_max, min(v.value) AS best_min
+    FROM studies s
+    JOIN trials t ON t.study_id = s.study_id
+    LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0
+    WHERE s.study_name IN :names
+    GROUP BY s.study_name, t.state
+""").bindparams(bindparam("names", expanding=True))
+
+
+def trial_summaries(db: Database, jobs_: list[Job]) -> dict[str, dict[str, Any]]:
+    """Per study name: counts by state and the best COMPLETE value (max and min)."""
+    names = [j.study_name for j in jobs_ if j.study_name]
+    out: dict[str, dict[str, Any]] = {n: {"counts": counts([]), "max": None, "min": None}
+                                      for n in names}
+    if not names:
+        return out
+
+    def attempt() -> list[Any]:
+        with db.session() as s:
+            return list(s.execute(_TRIAL_SUMMARY, {"names": names}))
+
+    keys = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
+            "RUNNING": "running", "WAITING": "waiting"}
+    for row in retrying(attempt):
+        entry = out[row.study]
+        entry["counts"][keys[row.state]] = int(row.n)
+        if row.state == "COMPLETE":
+            entry["max"], entry["min"] = row.best_max, row.best_min
+    return out
+
+
+def job_public(db: Database, job: Job, summary: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
     """A job with its counts by trial state, as the REST API shows it."""
-    trials = study_trials(db, job) if trials is None else trials
-    c = counts(trials)
-    finished = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = None
-    if finished:
-        maximize = JobSpec.model_validate(job.spec).direction == "maximize"
-        pick = max if maximize else min
-        best = pick(t.value for t in finished)
+    if summary is None:
+        summary = trial_summaries(db, [job]).get(job.study_name or "", {
+            "counts": counts([]), "max": None, "min": None})
+    c = summary["counts"]
+    maximize = metric_direction(job.spec.get("metric", "val_accuracy")) == "maximize"
+    best = summary["max"] if maximize else summary["min"]
     return {
         "id": job.id,
         "name": job.name,
@@ -191,6 +227,12 @@ def job_public(db: Database, job: Job, trials: list[FrozenTrial] | None = None) 
         "finished_at": as_utc(job.finished_at),
         "spec": job.spec,
     }
+
+
+def jobs_public(db: Database, jobs_: list[Job]) -> list[dict[str, Any]]:
+    """Several jobs with one summary query for all of them."""
+    summaries = trial_summaries(db, jobs_)
+    return [job_public(db, j, summaries.get(j.study_name or "")) for j in jobs_]
 
 
 def cancel_job(db: Database, owner: str | None, job_id: int) -> Job:
@@ -227,7 +269,7 @@ def job_trials(db: Database, owner: str | None, job_id: int) -> list[dict[str, A
 def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
     job = get_job(db, owner, job_id)
     study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
-    public = job_public(db, job, study.get_trials(deepcopy=False))
+    public = job_public(db, job)
     public.pop("spec")
     return build_report(study, JobSpec.model_validate(job.spec), public)
 
@@ -287,7 +329,7 @@ def _event_stream(db: Database, owner: str | None, job_id: int, poll_s: float, m
             if seen.get(t.number) != t.state.name:
                 seen[t.number] = t.state.name
                 yield _sse("trial", trial_to_dict(t))
-        public = job_public(db, job, trials)
+        public = job_public(db, job)
         public.pop("spec")
         if public["status"] != last_status or public["status"] in TERMINAL:
             last_status = public["status"]
