@@ -15,6 +15,7 @@ PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "t
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
+SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts", "onecycle")
 
 
 class _Strict(BaseModel):
@@ -52,6 +53,32 @@ class IntChoices(_Strict):
         return v
 
 
+class StrChoices(_Strict):
+    """A categorical dimension over names (optimizers, schedules, activations)."""
+
+    choices: list[str] = Field(min_length=1, max_length=20)
+
+    @field_validator("choices")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("choices must not repeat")
+        return v
+
+
+class IntRange(_Strict):
+    """An integer dimension from low to high inclusive."""
+
+    low: int = Field(ge=1, le=4096)
+    high: int = Field(ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> IntRange:
+        if self.low > self.high:
+            raise ValueError("low must be <= high")
+        return self
+
+
 class Fixed(_Strict):
     """A dimension held at one value."""
 
@@ -65,6 +92,30 @@ class SearchSpace(_Strict):
     batch_size: IntChoices | Fixed = IntChoices(choices=[16, 32, 64, 128, 256])
     dropout: FloatRange | Fixed = FloatRange(low=0.0, high=0.6)
     weight_decay: FloatRange | Fixed = FloatRange(low=1e-6, high=1e-2, log=True)
+    # Optional dimensions; when absent the job's `model` fixes them. `momentum` is searched
+    # only for the momentum optimizers, `width_<i>` only for the layers a trial has.
+    optimizer: StrChoices | None = None
+    momentum: FloatRange | None = None
+    schedule: StrChoices | None = None
+    activation: StrChoices | None = None
+    n_layers: IntRange | None = Field(default=None, description="number of hidden layers")
+    layer_width: IntChoices | None = Field(default=None, description="width of each layer")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> SearchSpace:
+        for name, known in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                            ("activation", ACTIVATIONS)):
+            dim = getattr(self, name)
+            bad = [c for c in dim.choices if c not in known] if dim else []
+            if bad:
+                raise ValueError(f"{name}.choices: unknown {bad}; known: {', '.join(known)}")
+        if self.momentum and not (self.momentum.low >= 0 and self.momentum.high < 1):
+            raise ValueError("momentum must lie in [0, 1)")
+        if (self.n_layers is None) != (self.layer_width is None):
+            raise ValueError("n_layers and layer_width are searched together")
+        if self.n_layers and self.n_layers.high > 8:
+            raise ValueError("n_layers.high must be <= 8")
+        return self
 
     @model_validator(mode="after")
     def _check_values(self) -> SearchSpace:
@@ -162,6 +213,11 @@ class ModelSpec(_Strict):
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"] = (
         "adam"
     )
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    schedule: Literal["constant", "step", "exponential", "cosine", "cosine_restarts",
+                      "onecycle"] = "constant"
+    # Linear warm-up in epochs before the schedule (combines with any schedule).
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=100.0)
 
 
 class JobSpec(_Strict):
@@ -209,7 +265,9 @@ class JobSpec(_Strict):
 
 def in_space(space: SearchSpace, name: str, value: float) -> bool:
     """Whether `value` is a point the search space's dimension `name` can take."""
-    dim = getattr(space, name)
+    dim = getattr(space, name, None)
+    if dim is None:
+        return False
     if isinstance(dim, Fixed):
         return value == dim.value
     if isinstance(dim, IntChoices):

@@ -18,7 +18,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from search.spec import Fixed, FloatRange, IntChoices, JobSpec, PrunerSpec
+from search.spec import CORE_PARAMS, Fixed, FloatRange, IntChoices, JobSpec, PrunerSpec
 from trainer import Dataset, TrainConfig, fit
 
 # Keys of the trial user attributes that explain an outcome; the report reads them back.
@@ -116,10 +116,14 @@ def build_pruner(spec: JobSpec | PrunerSpec, max_epochs: int | None = None
         reduction_factor=p.reduction_factor)
 
 
+MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
+
+
 def distributions(spec: JobSpec) -> dict[str, BaseDistribution]:
-    """The searched dimensions of the spec as Optuna distributions (fixed ones excluded)."""
+    """The four core dimensions of the spec as Optuna distributions (fixed ones excluded)."""
     out: dict[str, BaseDistribution] = {}
-    for name, dim in spec.search_space:
+    for name in CORE_PARAMS:
+        dim = getattr(spec.search_space, name)
         if isinstance(dim, FloatRange):
             out[name] = FloatDistribution(dim.low, dim.high, log=dim.log)
         elif isinstance(dim, IntChoices):
@@ -127,18 +131,52 @@ def distributions(spec: JobSpec) -> dict[str, BaseDistribution]:
     return out
 
 
+def suggest_conditional(trial: optuna.Trial, spec: JobSpec) -> dict[str, Any]:
+    """Define-by-run the optional dimensions: momentum only for momentum optimizers, one
+    width per hidden layer the trial has."""
+    space = spec.search_space
+    out: dict[str, Any] = {}
+    if space.optimizer:
+        out["optimizer"] = trial.suggest_categorical("optimizer", space.optimizer.choices)
+    optimizer = out.get("optimizer", spec.model.optimizer)
+    if space.momentum and optimizer in MOMENTUM_OPTIMIZERS:
+        out["momentum"] = trial.suggest_float("momentum", space.momentum.low,
+                                              space.momentum.high, log=space.momentum.log)
+    if space.schedule:
+        out["schedule"] = trial.suggest_categorical("schedule", space.schedule.choices)
+    if space.activation:
+        out["activation"] = trial.suggest_categorical("activation", space.activation.choices)
+    if space.n_layers and space.layer_width:
+        n = trial.suggest_int("n_layers", space.n_layers.low, space.n_layers.high)
+        for i in range(n):
+            out[f"width_{i}"] = trial.suggest_categorical(f"width_{i}", space.layer_width.choices)
+        out["n_layers"] = n
+    return out
+
+
 def fixed_params(spec: JobSpec) -> dict[str, float]:
-    """The dimensions the spec holds constant."""
-    return {name: dim.value for name, dim in spec.search_space if isinstance(dim, Fixed)}
+    """The core dimensions the spec holds constant."""
+    return {name: dim.value for name in CORE_PARAMS
+            if isinstance(dim := getattr(spec.search_space, name), Fixed)}
+
+
+def hidden_layers(spec: JobSpec, params: dict[str, Any]) -> tuple[int, ...]:
+    """The trial's layer widths: searched (n_layers, width_<i>) or the spec's model."""
+    if "n_layers" in params:
+        return tuple(int(params[f"width_{i}"]) for i in range(int(params["n_layers"])))
+    return tuple(spec.model.hidden_layers)
 
 
 def train_config(spec: JobSpec, params: dict[str, Any]) -> TrainConfig:
     """The trainer config for one trial: sampled params, fixed params and the spec's model."""
     values = {**fixed_params(spec), **params}
     return TrainConfig(
-        hidden_layers=tuple(spec.model.hidden_layers),
-        activation=spec.model.activation,
-        optimizer=spec.model.optimizer,
+        hidden_layers=hidden_layers(spec, values),
+        activation=values.get("activation", spec.model.activation),
+        optimizer=values.get("optimizer", spec.model.optimizer),
+        momentum=float(values.get("momentum", spec.model.momentum)),
+        schedule=values.get("schedule", spec.model.schedule),
+        warmup_epochs=spec.model.warmup_epochs,
         learning_rate=float(values["learning_rate"]),
         batch_size=int(values["batch_size"]),
         dropout=float(values["dropout"]),
@@ -288,6 +326,7 @@ def run_trial(
     """
     trial = study.ask(fixed_distributions=distributions(spec))
     on_started(trial)
+    suggest_conditional(trial, spec)
     config = train_config(spec, trial.params)
     for key, value in fixed_params(spec).items():
         trial.set_user_attr(f"fixed_{key}", value)

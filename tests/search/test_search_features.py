@@ -94,19 +94,22 @@ def test_threshold_pruner_records_its_cutoff(storage):
 
 
 def test_patient_pruner_explains_through_its_wrapped_pruner(storage):
-    spec = _spec(n_trials=8, max_epochs=6,
-                 search_space={"learning_rate": {"low": 1e-5, "high": 0.3, "log": True},
+    # A learning rate this large makes validation accuracy fall back now and then: each fall
+    # exhausts patience 0, and the wrapped threshold pruner then stops the trial.
+    spec = _spec(n_trials=4, max_epochs=8,
+                 search_space={"learning_rate": {"value": 0.3}, "dropout": {"value": 0.5},
                                "batch_size": {"choices": [128, 256]}},
                  pruner={"name": "patient", "patience": 0,
-                         "wrapped": {"name": "median", "n_startup_trials": 2,
-                                     "n_warmup_steps": 0}})
+                         "wrapped": {"name": "threshold", "lower": 0.999, "n_warmup_steps": 0}})
     study = _run(storage, spec)
-    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED
-              and t.user_attrs["stop_reason"] == "pruned"]
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned
     for t in pruned:
-        assert t.user_attrs["pruner"] == "patient" and t.user_attrs["prune_wrapped"] == "median"
-        assert t.user_attrs["prune_value"] < t.user_attrs["prune_cutoff"]
+        assert t.user_attrs["pruner"] == "patient" and t.user_attrs["prune_wrapped"] == "threshold"
+        assert t.user_attrs["prune_cutoff"] == 0.999 and t.user_attrs["prune_patience"] == 0
+        curve = list(t.intermediate_values.values())
+        # It stopped at an epoch that fell below the best before it.
+        assert curve[-1] < max(curve[:-1])
 
 
 def test_warm_start_configs_run_first(storage):
@@ -153,3 +156,33 @@ def test_pruning_audit_trains_pruned_trials_on_silently(storage):
     assert audit["regret"] == pytest.approx(max(0.0, max(finals) - max(kept)))
     assert report["best_trial"]["number"] == study.best_trial.number
     assert not study.best_trial.user_attrs.get("audited")
+
+
+def test_conditional_dimensions_follow_their_parents(storage):
+    spec = _spec(n_trials=8, search_space={
+        "batch_size": {"choices": [128, 256]},
+        "optimizer": {"choices": ["adam", "momentum", "nesterov"]},
+        "momentum": {"low": 0.5, "high": 0.95},
+        "schedule": {"choices": ["constant", "cosine", "onecycle"]},
+        "activation": {"choices": ["relu", "tanh", "gelu"]},
+        "n_layers": {"low": 1, "high": 3},
+        "layer_width": {"choices": [8, 16]},
+    })
+    study = _run(storage, spec)
+    seen_optimizers = set()
+    for t in study.get_trials():
+        p = t.params
+        seen_optimizers.add(p["optimizer"])
+        assert ("momentum" in p) == (p["optimizer"] in ("momentum", "nesterov")), p
+        widths = [k for k in p if k.startswith("width_")]
+        assert len(widths) == p["n_layers"], p
+        assert p["schedule"] in ("constant", "cosine", "onecycle")
+        assert t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(seen_optimizers) >= 2
+
+
+def test_unknown_names_in_optional_dimensions_are_rejected():
+    with pytest.raises(ValidationError, match="unknown"):
+        _spec(search_space={"optimizer": {"choices": ["adam", "lion"]}})
+    with pytest.raises(ValidationError, match="searched together"):
+        _spec(search_space={"n_layers": {"low": 1, "high": 2}})
