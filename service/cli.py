@@ -25,7 +25,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 
 console = Console()
-err = Console(stderr=True)
+# Messages are not wrapped: they may be read by scripts as much as by people.
+err = Console(stderr=True, soft_wrap=True)
 
 # Seconds a worker gets to finish its epoch and hand back its trial after SIGTERM.
 WORKER_STOP_TIMEOUT_S = 30

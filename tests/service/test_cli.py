@@ -1,0 +1,49 @@
+"""The CLI as a user runs it, against a real server."""
+
+import json
+
+from tests.conftest import hptune
+
+JOB = {"name": "cli-job", "n_trials": 4, "max_epochs": 4, "model": {"hidden_layers": [16]},
+       "search_space": {"batch_size": {"choices": [128, 256]}},
+       "pruner": {"name": "successive_halving", "reduction_factor": 2}}
+
+
+def test_submit_watch_report_and_jobs(server, tmp_path):
+    client = server.client("cli-user")
+    env = {**server.env, "HPTUNE_URL": server.url, "HPTUNE_API_KEY": server.keys["cli-user"],
+           "COLUMNS": "160"}
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(JOB))
+    out = hptune("submit", str(spec), "--watch", env=env, timeout=300).stdout
+    assert "submitted job" in out and "report: job" in out and "succeeded" in out
+    assert "best trial" in out and "compute saved" in out
+    job_id = int(out.split("submitted job ")[1].split()[0])
+    assert client.get(f"/api/v1/jobs/{job_id}").json()["finished"] == 4
+
+    listing = hptune("jobs", env=env).stdout
+    assert "cli-job" in listing and "4/4" in listing
+    report = json.loads(hptune("report", str(job_id), "--json", env=env).stdout)
+    assert report["job"]["id"] == job_id and report["counts"]["complete"] + \
+        report["counts"]["pruned"] == 4
+    watched = hptune("watch", str(job_id), env=env).stdout
+    assert f"job {job_id} succeeded" in watched
+
+
+def test_cli_errors_are_messages_not_tracebacks(server, tmp_path):
+    env = {**server.env, "HPTUNE_URL": server.url, "HPTUNE_API_KEY": "hpt_wrong"}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"n_trials": -1}))
+    r = hptune("submit", str(bad), env=env, check=False)
+    assert r.returncode == 1 and "HTTP 401" in r.stderr and "Traceback" not in r.stderr
+    server.client("cli-user")
+    env["HPTUNE_API_KEY"] = server.keys["cli-user"]
+    r = hptune("submit", str(bad), env=env, check=False)
+    assert r.returncode == 1 and "n_trials" in r.stderr and "Traceback" not in r.stderr
+    bad.write_text("{not json")
+    r = hptune("submit", str(bad), env=env, check=False)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    r = hptune("jobs", env={**env, "HPTUNE_URL": "http://127.0.0.1:9"}, check=False)
+    assert r.returncode == 1 and "cannot reach the API" in r.stderr
+    r = hptune("serve", env={**env, "HPTUNE_GRACE_PERIOD": "1"}, check=False)
+    assert r.returncode == 2 and "HPTUNE_GRACE_PERIOD" in r.stderr
