@@ -3,13 +3,15 @@
 Model: 40 inputs -> 256 -> 256 -> 10 classes, ReLU, dropout 0.2, AdamW (lr 1e-3, weight
 decay 1e-4 on weight matrices only), softmax cross-entropy; 4000 training rows of MNIST-1D.
 Both sides shuffle once per epoch and then slice contiguous batches. Times are medians over
-several epochs of one run (the first epoch is dropped as warm-up); ours is fit()'s
-``train_seconds`` (the optimisation pass, without validation).
+the epochs of several alternating runs per side (the first epoch of each run is dropped as
+warm-up); ours is fit()'s ``train_seconds`` (the optimisation pass, without validation).
+"fused" is PyTorch's AdamW(fused=True), its fastest CPU optimizer path.
 
 The floor is 6 * rows * parameters FLOPs per epoch (forward 2, backward 4 per weight per
 row) at the single-thread float32 GEMM rate measured here on a large square matmul.
 
-Usage: python benchmarks/trainer_vs_torch.py [--epochs 7] [--batch-sizes 16 32 128 512]
+Usage: python benchmarks/trainer_vs_torch.py [--epochs 4] [--repeats 3]
+                                           [--batch-sizes 16 32 128 512] [--no-torch]
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ import os
 import platform
 import statistics
 import time
+import types
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+import trainer.fit
 from trainer import Dataset, TrainConfig, fit, load_dataset
 
+CLOCK = time.perf_counter
 HIDDEN = (256, 256)
 LR, WEIGHT_DECAY, DROPOUT = 1e-3, 1e-4, 0.2
 
@@ -43,22 +48,23 @@ def n_parameters(n_in: int, hidden: tuple[int, ...], n_out: int) -> int:
     return sum(a * b + b for a, b in itertools.pairwise(sizes))
 
 
-def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Single-thread float32 matmul rate in FLOP/s (best of `repeats`)."""
+def gemm_rates(n: int = 2048, repeats: int = 3) -> list[float]:
+    """Single-thread float32 matmul rates in FLOP/s, one per timed repeat."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     out = np.empty((n, n), np.float32)
     np.matmul(a, b, out=out)
-    best = float("inf")
+    rates = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         np.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+        rates.append(2.0 * n**3 / (CLOCK() - t))
+    return rates
 
 
-def ours(data: Dataset, batch: int, epochs: int) -> float:
+def ours(data: Dataset, batch: int, epochs: int) -> list[float]:
+    """Seconds of each epoch's optimisation pass after the first (fit's train_seconds)."""
     cfg = TrainConfig(
         hidden_layers=HIDDEN,
         activation="relu",
@@ -70,11 +76,11 @@ def ours(data: Dataset, batch: int, epochs: int) -> float:
         max_epochs=epochs,
         seed=0,
     )
-    result = fit(cfg, data)
-    return statistics.median(h["train_seconds"] for h in result.history[1:])
+    return [h["train_seconds"] for h in fit(cfg, data).history[1:]]
 
 
-def theirs(data: Dataset, batch: int, epochs: int, fused: bool = False) -> float:
+def theirs(data: Dataset, batch: int, epochs: int, fused: bool = False) -> list[float]:
+    """Seconds of each PyTorch training epoch after the first."""
     import torch
 
     torch.manual_seed(0)
@@ -96,7 +102,7 @@ def theirs(data: Dataset, batch: int, epochs: int, fused: bool = False) -> float
     times = []
     model.train()
     for _ in range(epochs):
-        t = time.perf_counter()
+        t = CLOCK()
         perm = torch.randperm(n, generator=gen)
         Xe, ye = X[perm], y[perm]
         for s in range(0, n, batch):
@@ -104,16 +110,29 @@ def theirs(data: Dataset, batch: int, epochs: int, fused: bool = False) -> float
             loss = loss_fn(model(Xe[s : s + batch]), ye[s : s + batch])
             loss.backward()
             opt.step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[1:])
+        times.append(CLOCK() - t)
+    return times[1:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=7, help="epochs per measurement (>= 2)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 128, 512])
     parser.add_argument("--no-torch", action="store_true", help="time only our trainer")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: time.process_time for every measurement, which leaves out the time this "
+        "process waits for a core on a busy machine (both sides are single-threaded)",
+    )
     args = parser.parse_args()
+    if args.clock == "cpu":
+        global CLOCK
+        CLOCK = time.process_time
+        # fit() times its epochs with time.perf_counter; point its module at the CPU clock.
+        trainer.fit.time = types.SimpleNamespace(perf_counter=time.process_time)
     try:
         import torch
 
@@ -128,26 +147,52 @@ def main() -> None:
     with threadpool_limits(1):
         blas = ", ".join(f"{i['internal_api']} {i.get('version')}" for i in threadpool_info())
         env = {k: os.environ.get(k, "(unset)") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-        print(f"machine: {platform.processor() or platform.machine()}, numpy {np.__version__}")
-        print(f"blas: {blas}; env: {env}")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(
+            f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+            f"load average {load}; numpy {np.__version__}"
+        )
+        print(f"blas: {blas}; env: {env}; clock: {args.clock}")
         if torch is not None:
             print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-        rate = gemm_rate()
-        floor = 6.0 * n_rows * params / rate
-        print(f"data: {n_rows} x {data.n_features}, params {params}, epochs per run {args.epochs}")
-        print(f"single-thread float32 GEMM: {rate / 1e9:.1f} GFLOP/s; floor {floor * 1e3:.2f} ms")
+        print(
+            f"data: {n_rows} x {data.n_features}, params {params}; {args.repeats} runs x "
+            f"{args.epochs} epochs per side, first epoch of each run untimed"
+        )
+        flops = 6.0 * n_rows * params
+        rows = []
+        rates = gemm_rates()
+        for batch in args.batch_sizes:
+            # Alternate short runs of each side so that load from other processes on the
+            # machine hits both alike; medians over all timed epochs.
+            t_ours, t_torch, t_fused = [], [], []
+            for _ in range(args.repeats):
+                t_ours += ours(data, batch, args.epochs)
+                if has_torch:
+                    t_torch += theirs(data, batch, args.epochs)
+                    t_fused += theirs(data, batch, args.epochs, fused=True)
+                rates += gemm_rates(repeats=1)  # the GEMM rate is sampled under the same load
+            rows.append((batch, t_ours, t_torch, t_fused))
+        # The floor uses the median GEMM rate sampled between the runs: under load from
+        # other processes a best-of rate would compare a quiet moment with median epochs.
+        rate = statistics.median(rates)
+        floor = flops / rate
+        print(
+            f"single-thread float32 GEMM: median {rate / 1e9:.1f} GFLOP/s (best "
+            f"{max(rates) / 1e9:.1f}) over {len(rates)} 2048^3 matmuls; "
+            f"floor = 6 * rows * params / rate = {floor * 1e3:.2f} ms"
+        )
         header = f"{'batch':>6} {'ours ms':>9} {'torch ms':>9} {'fused ms':>9} "
         print(header + f"{'torch/ours':>11} {'fused/ours':>11} {'ours/floor':>11}")
-        for batch in args.batch_sizes:
-            t_ours = ours(data, batch, args.epochs)
-            if has_torch:
-                t_torch = theirs(data, batch, args.epochs)
-                t_fused = theirs(data, batch, args.epochs, fused=True)
-                tail = f"{t_torch * 1e3:9.1f} {t_fused * 1e3:9.1f} {t_torch / t_ours:11.2f} "
-                tail += f"{t_fused / t_ours:11.2f}"
+        for batch, t_ours, t_torch, t_fused in rows:
+            m_ours = statistics.median(t_ours)
+            if t_torch:
+                m_torch, m_fused = statistics.median(t_torch), statistics.median(t_fused)
+                tail = f"{m_torch * 1e3:9.1f} {m_fused * 1e3:9.1f} {m_torch / m_ours:11.2f} "
+                tail += f"{m_fused / m_ours:11.2f}"
             else:
                 tail = f"{'-':>9} {'-':>9} {'-':>11} {'-':>11}"
-            print(f"{batch:>6} {t_ours * 1e3:9.1f} {tail} {t_ours / floor:11.2f}", flush=True)
+            print(f"{batch:>6} {m_ours * 1e3:9.1f} {tail} {m_ours / floor:11.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -338,16 +338,16 @@ def run_trial(
     started = time.perf_counter()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        value = float(metrics[spec.metric])
+        # Diverged epochs are the trainer's to stop; audited trials report nothing past the
+        # pruner's verdict.
+        reportable = math.isfinite(value) and not pruned_at
+        if reportable:
+            trial.report(value, epoch)
         if should_stop():
             cancelled.append(True)
             return True
-        if pruned_at:
-            return False  # an audited trial, training on past its pruning
-        value = float(metrics[spec.metric])
-        if not math.isfinite(value):
-            return False  # the trainer itself stops diverged runs
-        trial.report(value, epoch)
-        if trial.should_prune():
+        if reportable and trial.should_prune():
             pruned_at.append(epoch)
             return not audit
         return False

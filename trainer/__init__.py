@@ -1,7 +1,22 @@
 """hptune's NumPy neural-network trainer: datasets, a configurable MLP and its training loop.
 
-Imports only numpy and the standard library (scikit-learn is read lazily, only to load its
-bundled datasets).
+Imports only numpy and the standard library (scikit-learn is imported lazily, and only to
+read the datasets bundled with it).
+
+    from trainer import TrainConfig, fit, load_dataset
+
+    data = load_dataset("mnist1d", seed=0)  # or digits, breast_cancer, wine, iris, regression
+    config = TrainConfig(hidden_layers=(256, 256), optimizer="adamw", learning_rate=1e-3,
+                         batch_size=128, dropout=0.2, weight_decay=1e-4, max_epochs=20)
+    result = fit(config, data, on_epoch=lambda epoch, metrics: False)  # True stops: "pruned"
+    result.history, result.best_epoch, result.stop_reason, result.test_metrics
+
+Modules: config (TrainConfig), datasets (Dataset, load_dataset, from_arrays), network (MLP:
+forward/backward/losses), optimizers (step(params, grads) update rules), schedules (pure
+lr(step) functions), fit (the loop, TrainResult).
+
+The trainer does not limit BLAS threads; callers that run several trainings at once (the
+service's workers) pin them, e.g. with threadpoolctl.
 """
 
 from trainer.config import TrainConfig

@@ -1,9 +1,12 @@
 """A multilayer perceptron on one flat parameter buffer: forward, losses, backward.
 
-Layout: all weight matrices first (layer order, each (fan_in, fan_out), C order), then all
-biases. ``params[:n_weights]`` is therefore exactly the set of arrays that weight decay and
-the l1/l2 penalties act on, and an optimizer can update everything with a few vectorised
-operations over one contiguous buffer. ``grad`` has the same layout.
+Layout: layer by layer, each layer's weight matrix (fan_in, fan_out) followed by its bias
+as one more row, i.e. an augmented (fan_in + 1, fan_out) matrix in C order. Activations
+carry a constant row of ones, so one GEMM computes ``W.T @ h + b`` and one GEMM gives both
+the weight and the bias gradient. ``decay_slices`` locate the weight matrices (what weight
+decay and the l1/l2 penalties act on; never the biases) inside ``params``; an optimizer
+updates everything with a few vectorised operations over one contiguous buffer. ``grad``
+has the same layout.
 
 Heads by task: "multiclass" = n_classes logits + softmax cross-entropy; "binary" = one
 logit + sigmoid binary cross-entropy (labels 0/1); "regression" = one linear output + mean
@@ -11,9 +14,9 @@ squared error. Losses are means over the rows of a batch.
 
 Per batch size the network keeps a workspace of preallocated activation and gradient
 buffers, so a training step allocates (almost) nothing. Internally activations are
-feature-major, (width, rows): with weights stored (fan_in, fan_out), every GEMM of a step
-then has a shape OpenBLAS runs well even for a handful of rows (with row-major activations
-``delta @ W.T`` is about twice as slow at batch 16).
+feature-major, (width + 1, rows): with weights stored (fan_in, fan_out), every GEMM of a
+step then has a shape OpenBLAS runs well even for a handful of rows (with row-major
+activations ``delta @ W.T`` is about twice as slow at batch 16).
 """
 
 from __future__ import annotations
@@ -44,15 +47,21 @@ class _Workspace:
     def __init__(self, net: MLP, n: int, train: bool) -> None:
         dt = net.dtype
         widths = net.sizes[1:]
-        self.z = [np.empty((w, n), dt) for w in widths]  # pre-activations; last = output
-        # Hidden outputs after dropout. ReLU is computed in place, so there a is z.
+        hidden = widths[:-1]
+        # Hidden outputs after dropout, plus a row of ones that multiplies the bias row.
+        self.h = [np.empty((w + 1, n), dt) for w in hidden]
+        for h in self.h:
+            h[-1] = 1.0
+        self.a = [h[:-1] for h in self.h]
+        # Pre-activations; ReLU is computed in place, so there z is a.
         if net.activation == "relu":
-            self.a = self.z[:-1]
+            self.z = [*self.a, np.empty((widths[-1], n), dt)]
         else:
-            self.a = [np.empty((w, n), dt) for w in widths[:-1]]
+            self.z = [np.empty((w, n), dt) for w in widths]
+        self.xa: np.ndarray | None = None  # (n, n_inputs + 1) staging for raw inputs
         if not train:
             return
-        self.d = [np.empty((w, n), dt) for w in widths[:-1]]  # d loss / d hidden output
+        self.d = [np.empty((w, n), dt) for w in hidden]  # d loss / d hidden output
         wmax = max(widths)
         self.tb = np.empty((wmax, n), bool)
         self.tf = np.empty((wmax, n), dt)
@@ -61,7 +70,6 @@ class _Workspace:
         self.row = np.empty(n, dt)
         self.row2 = np.empty(n, dt)
         self.zy = np.empty(n, dt)
-        self.ones = np.ones(n, dt)
         self.colbase = np.arange(n, dtype=np.int64)
         self.idx = np.empty(n, np.int64)
 
@@ -92,30 +100,62 @@ class MLP:
         self.sizes = (int(n_inputs), *(int(h) for h in hidden_layers), int(n_outputs))
         shapes = list(zip(self.sizes[:-1], self.sizes[1:], strict=True))
         self.n_weights = sum(a * b for a, b in shapes)
-        n_total = self.n_weights + sum(b for _, b in shapes)
+        n_total = sum((a + 1) * b for a, b in shapes)
         self.params = np.zeros(n_total, self.dtype)
         self.grad = np.zeros(n_total, self.dtype)
+        self.layers: list[np.ndarray] = []  # augmented (fan_in + 1, fan_out) views
+        self.grad_layers: list[np.ndarray] = []
         self.weights: list[np.ndarray] = []
         self.grad_weights: list[np.ndarray] = []
         self.biases: list[np.ndarray] = []
         self.grad_biases: list[np.ndarray] = []
-        wpos, bpos = 0, self.n_weights
+        slices = []
+        pos = 0
         for fan_in, fan_out in shapes:
-            end = wpos + fan_in * fan_out
-            self.weights.append(self.params[wpos:end].reshape(fan_in, fan_out))
-            self.grad_weights.append(self.grad[wpos:end].reshape(fan_in, fan_out))
-            self.biases.append(self.params[bpos : bpos + fan_out])
-            self.grad_biases.append(self.grad[bpos : bpos + fan_out])
-            wpos, bpos = end, bpos + fan_out
-        self._bias_cols = [b.reshape(-1, 1) for b in self.biases]
+            end = pos + (fan_in + 1) * fan_out
+            layer = self.params[pos:end].reshape(fan_in + 1, fan_out)
+            glayer = self.grad[pos:end].reshape(fan_in + 1, fan_out)
+            self.layers.append(layer)
+            self.grad_layers.append(glayer)
+            self.weights.append(layer[:fan_in])
+            self.grad_weights.append(glayer[:fan_in])
+            self.biases.append(layer[fan_in])
+            self.grad_biases.append(glayer[fan_in])
+            slices.append(slice(pos, pos + fan_in * fan_out))
+            pos = end
+        # Where the weight matrices lie in `params`/`grad` (decay and penalties; not biases).
+        self.decay_slices: tuple[slice, ...] = tuple(slices)
+        self._layers_t = [layer.T for layer in self.layers]
+        # _params_below[i]: parameters of layers 0..i-1 (rescaled when a mask scale is deferred)
+        self._params_below = [
+            sum(layer.size for layer in self.layers[:i]) for i in range(len(self.layers))
+        ]
+        self._wflat = [(self.params[s], self.grad[s]) for s in self.decay_slices]
         self._workspaces: dict[tuple[int, bool], _Workspace] = {}
-        self._wscratch = np.empty(self.n_weights, self.dtype)
+        self._wscratch = np.empty(max(a * b for a, b in shapes), self.dtype)
         self.initialize(init, rng)
 
     @property
     def n_parameters(self) -> int:
         """Number of trainable scalars (weights and biases)."""
         return self.params.size
+
+    def weight_mask(self) -> np.ndarray:
+        """Boolean mask over `params`: True for weight-matrix entries, False for biases."""
+        mask = np.zeros(self.params.size, bool)
+        for s in self.decay_slices:
+            mask[s] = True
+        return mask
+
+    def augment(self, X: np.ndarray) -> np.ndarray:
+        """Rows X with a trailing column of ones, in this network's dtype (C order)."""
+        X = np.asarray(X)
+        if X.ndim != 2 or X.shape[1] != self.sizes[0]:
+            raise ValueError(f"expected inputs of shape (rows, {self.sizes[0]}), got {X.shape}")
+        out = np.empty((X.shape[0], X.shape[1] + 1), self.dtype)
+        out[:, :-1] = X
+        out[:, -1] = 1.0
+        return out
 
     def initialize(self, init: str = "auto", rng: np.random.Generator | int | None = 0) -> None:
         """Draw weights (He or Xavier normal) and zero the biases."""
@@ -145,22 +185,28 @@ class MLP:
             ws = self._workspaces[(n, train)] = _Workspace(self, n, train)
         return ws
 
-    def _forward(self, XT: np.ndarray, ws: _Workspace, masks_t: Masks) -> np.ndarray:
-        """Output values (k, n) for inputs XT (n_inputs, n); masks_t are (width, n) or None."""
-        h = XT
-        last = len(self.weights) - 1
-        for i, w in enumerate(self.weights):
+    def _forward(self, XTa: np.ndarray, ws: _Workspace, masks_t: Masks) -> np.ndarray:
+        """Output values (k, n) for augmented inputs XTa (n_inputs + 1, n).
+
+        masks_t are (width, n) per hidden layer, or None.
+        """
+        h = XTa
+        relu = self.activation == "relu"
+        layers_t = self._layers_t
+        for i in range(len(layers_t) - 1):
             z = ws.z[i]
-            np.matmul(w.T, h, out=z)
-            z += self._bias_cols[i]
-            if i == last:
-                return z
+            np.matmul(layers_t[i], h, out=z)
             a = ws.a[i]
-            self._activate(z, a)
+            if relu:
+                np.maximum(z, 0, out=z)  # a is z
+            else:
+                self._activate(z, a)
             if masks_t is not None and masks_t[i] is not None:
                 a *= masks_t[i]
-            h = a
-        raise AssertionError("unreachable")
+            h = ws.h[i]
+        z = ws.z[-1]
+        np.matmul(layers_t[-1], h, out=z)
+        return z
 
     def _activate(self, z: np.ndarray, a: np.ndarray) -> None:
         act = self.activation
@@ -190,15 +236,29 @@ class MLP:
         `masks` (one per hidden layer, each (rows, width) or None) multiply the hidden
         activations: pass inverted-dropout masks (0 or 1/(1-p)) to reproduce a training pass.
         """
-        X = np.ascontiguousarray(X, dtype=self.dtype)
         if masks is not None:
-            ws = self._workspace(len(X), False)
-            return self._forward(X.T, ws, self._transpose_masks(masks)).T.copy()
+            Xa = self.augment(X)
+            ws = self._workspace(len(Xa), False)
+            return self._forward(Xa.T, ws, self._transpose_masks(masks)).T.copy()
+        X = np.asarray(X)
         out = np.empty((len(X), self.sizes[-1]), self.dtype)
+        for s, ws, xta in self._chunks(X):
+            out[s : s + xta.shape[1]] = self._forward(xta, ws, None).T
+        return out
+
+    def _chunks(self, X: np.ndarray, augmented: bool = False):
+        """(start, workspace, augmented inputs (n_inputs + 1, rows)) per evaluation chunk."""
         for s in range(0, len(X), EVAL_CHUNK):
             xs = X[s : s + EVAL_CHUNK]
-            out[s : s + len(xs)] = self._forward(xs.T, self._workspace(len(xs), False), None).T
-        return out
+            ws = self._workspace(len(xs), False)
+            if augmented:
+                yield s, ws, np.asarray(xs, self.dtype).T
+                continue
+            if ws.xa is None:
+                ws.xa = np.empty((len(xs), self.sizes[0] + 1), self.dtype)
+                ws.xa[:, -1] = 1.0
+            ws.xa[:, :-1] = xs
+            yield s, ws, ws.xa.T
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class ids (classification) or predicted values (regression) for rows X."""
@@ -223,12 +283,12 @@ class MLP:
 
     def penalty(self, l1: float = 0.0, l2: float = 0.0) -> float:
         """l1 * sum|W| + l2 * sum(W**2) over the weight matrices."""
-        w = self.params[: self.n_weights]
         total = 0.0
-        if l1:
-            total += l1 * float(np.abs(w).sum(dtype=np.float64))
-        if l2:
-            total += l2 * float(np.dot(w, w))
+        for w, _ in self._wflat:
+            if l1:
+                total += l1 * float(np.abs(w).sum(dtype=np.float64))
+            if l2:
+                total += l2 * float(np.dot(w, w))
         return total
 
     def loss(
@@ -246,30 +306,36 @@ class MLP:
         The gradient includes the l1/l2 penalty terms; the returned value does not (add
         `penalty(l1, l2)` for the full objective). masks are (rows, width) per hidden layer.
         """
-        X = np.ascontiguousarray(X, dtype=self.dtype)
+        Xa = self.augment(X)
         targets = self.prepare_targets(y)
-        return self.step_grad(X.T, targets, self._transpose_masks(masks), l1, l2)
+        return self.step_grad(Xa.T, targets, self._transpose_masks(masks), l1, l2)
 
     def step_grad(
         self,
-        XT: np.ndarray,
+        XTa: np.ndarray,
         y: np.ndarray,
         masks_t: Masks = None,
         l1: float = 0.0,
         l2: float = 0.0,
         record: np.ndarray | None = None,
+        mask_scale: float | None = None,
     ) -> float:
         """`loss_and_grad` for the training loop: feature-major inputs, no conversions.
 
-        XT is (n_inputs, rows) in this network's dtype (the transposed view of row-major
-        rows is fine), y comes from `prepare_targets`, masks_t are (width, rows). `record`,
-        if given, is a (rows,) array that receives what `count_correct` needs.
+        XTa is (n_inputs + 1, rows) in this network's dtype, its last row all ones (the
+        transposed view of rows from `augment` is fine); y comes from `prepare_targets`;
+        masks_t are (width, rows). `record`, if given, is a (rows,) array that receives what
+        `count_correct` needs. `mask_scale` promises that every mask holds only the values
+        0 and mask_scale (inverted dropout), which lets ReLU networks skip mask passes.
         """
-        n = XT.shape[1]
-        ws = self._workspace(n, True)
-        z = self._forward(XT, ws, masks_t)
+        n = XTa.shape[1]
+        ws = self._workspaces.get((n, True)) or self._workspace(n, True)
+        z = self._forward(XTa, ws, masks_t)
         loss, delta = self._head(z, y, ws, n, record)
-        self._backward(XT, ws, masks_t, delta)
+        if self.activation == "relu" and (masks_t is None or mask_scale is not None):
+            self._backward_relu(XTa, ws, masks_t, delta, mask_scale)
+        else:
+            self._backward(XTa, ws, masks_t, delta)
         if l1 or l2:
             self._penalty_grad(l1, l2)
         return loss
@@ -329,12 +395,10 @@ class MLP:
 
     # ------------------------------------------------------------------ backward
 
-    def _backward(self, XT: np.ndarray, ws: _Workspace, masks_t: Masks, delta) -> None:
-        ones = ws.ones
-        for i in range(len(self.weights) - 1, -1, -1):
-            h = XT if i == 0 else ws.a[i - 1]
-            np.matmul(h, delta.T, out=self.grad_weights[i])
-            np.matmul(delta, ones, out=self.grad_biases[i])
+    def _backward(self, XTa: np.ndarray, ws: _Workspace, masks_t: Masks, delta) -> None:
+        for i in range(len(self.layers) - 1, -1, -1):
+            h = XTa if i == 0 else ws.h[i - 1]
+            np.matmul(h, delta.T, out=self.grad_layers[i])  # weights and bias row at once
             if i == 0:
                 return
             d = ws.d[i - 1]
@@ -343,6 +407,43 @@ class MLP:
                 d *= masks_t[i - 1]
             self._activation_grad(ws.z[i - 1], ws.a[i - 1], d, ws)
             delta = d
+
+    def _backward_relu(self, XTa, ws: _Workspace, masks_t: Masks, delta, scale) -> None:
+        """Backward pass of a ReLU network whose masks (if any) hold only 0 and `scale`.
+
+        With a = relu(z) * mask, a > 0 exactly where the mask kept a unit with z > 0, so
+        d loss / d z = scale * (d loss / d a) * [a > 0]: the mask itself is not needed, only
+        its scale. For the top hidden layer the scale goes into the (tiny) output delta;
+        below that it is carried as a factor c of the remaining gradients when multiplying
+        the (smaller) gradient blocks of the layers underneath by c is cheaper than a pass
+        of the mask. d loss / d a is written over a (no longer needed), keeping the working
+        set small.
+        """
+        c = 1.0
+        top = len(self.layers) - 1
+        for i in range(top, -1, -1):
+            grad = self.grad_layers[i]
+            np.matmul(XTa if i == 0 else ws.h[i - 1], delta.T, out=grad)
+            if c != 1.0:
+                grad *= c
+            if i == 0:
+                return
+            a = ws.a[i - 1]
+            gate = ws.tb[: a.shape[0]]
+            np.greater(a, 0, out=gate)
+            if masks_t is None:
+                np.matmul(self.weights[i], delta, out=a)
+            elif i == top:
+                delta *= scale
+                np.matmul(self.weights[i], delta, out=a)
+            else:
+                np.matmul(self.weights[i], delta, out=a)
+                if c != 1.0 or a.size > self._params_below[i]:
+                    c *= scale
+                else:
+                    a *= masks_t[i - 1]
+            np.multiply(a, gate, out=a)
+            delta = a
 
     def _activation_grad(self, z: np.ndarray, a: np.ndarray, d: np.ndarray, ws) -> None:
         """d *= activation'(z), in place; a is the layer's output after dropout."""
@@ -391,29 +492,31 @@ class MLP:
         d *= t
 
     def _penalty_grad(self, l1: float, l2: float) -> None:
-        w = self.params[: self.n_weights]
-        g = self.grad[: self.n_weights]
-        s = self._wscratch
-        if l2:
-            np.multiply(w, 2.0 * l2, out=s)
-            g += s
-        if l1:
-            np.sign(w, out=s)
-            s *= l1
-            g += s
+        for w, g in self._wflat:
+            s = self._wscratch[: w.size]
+            if l2:
+                np.multiply(w, 2.0 * l2, out=s)
+                g += s
+            if l1:
+                np.sign(w, out=s)
+                s *= l1
+                g += s
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Metrics on (X, y) without dropout: loss and accuracy, or loss, rmse and r2."""
-        X = np.ascontiguousarray(X, dtype=self.dtype)
+    def evaluate(self, X: np.ndarray, y: np.ndarray, augmented: bool = False) -> dict[str, float]:
+        """Metrics on (X, y) without dropout: loss and accuracy, or loss, rmse and r2.
+
+        augmented=True says X already carries the column of ones (see `augment`).
+        """
+        X = np.asarray(X)
         y = np.asarray(y)
         n = len(X)
         loss_sum = 0.0
         correct = 0
-        for s in range(0, n, EVAL_CHUNK):
-            xs, ys = X[s : s + EVAL_CHUNK], y[s : s + EVAL_CHUNK]
-            out = self._forward(xs.T, self._workspace(len(xs), False), None).T
+        for s, ws, xta in self._chunks(X, augmented):
+            out = self._forward(xta, ws, None).T
+            ys = y[s : s + len(out)]
             loss_sum += _loss_sum(self.task, out, ys)
             if self.task == "multiclass":
                 correct += int(np.count_nonzero(out.argmax(axis=1) == ys))

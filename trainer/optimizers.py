@@ -1,14 +1,15 @@
 """First-order optimizers sharing one interface: ``step(params, grads)`` updates in place.
 
 Conventions follow torch.optim (no dampening, bias-corrected Adam, eps outside the root).
-``decay`` says, per parameter array, which part is a weight matrix that weight decay
-applies to: True (all of it), False (none of it) or a slice of the flattened array; the
-default decays arrays with ndim >= 2. Decay is coupled (the L2 gradient term
-``weight_decay * W``, added to the gradient) for every optimizer except AdamW, whose decay
-is decoupled (``W -= lr * weight_decay * W`` before the Adam update).
+``decay`` says, per parameter array, which part holds weight matrices that weight decay
+applies to: True (all of it), False (none of it), a slice of the flattened array, or a
+sequence of such slices; the default decays arrays with ndim >= 2. Decay is coupled (the L2
+gradient term ``weight_decay * W``, added to the gradient) for every optimizer except
+AdamW, whose decay is decoupled (``W -= lr * weight_decay * W`` before the Adam update).
 
-`step` may overwrite `grads`. The optimizer keeps its state in buffers allocated on the
-first call, so the same arrays (same shapes, same order) must be passed every step.
+`step` may overwrite `grads`; params must be contiguous (they are updated through views).
+State buffers are allocated on the first call, so pass arrays of the same shapes in the
+same order every step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-Decay = Sequence[bool | slice] | None
+Decay = Sequence[bool | slice | Sequence[slice]] | None
 SUBNORMAL_MARGIN = 1e8
 
 
@@ -41,15 +42,15 @@ class Optimizer:
         self.t += 1
         if self.t % self._flush_every == 0:
             self._flush_subnormals()
+        wd = self.weight_decay
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            region = self._decay_region(i, p)
-            if region is not None and self.weight_decay:
-                wp = p.reshape(-1)[region]
-                if self.decoupled:
-                    wp *= 1.0 - self.lr * self.weight_decay
-                else:
-                    wg = g.reshape(-1)[region]
-                    wg += self.weight_decay * wp
+            if wd:
+                for region in self._decay_regions(i, p):
+                    wp = p.reshape(-1)[region]
+                    if self.decoupled:
+                        wp *= 1.0 - self.lr * wd
+                    else:
+                        g.reshape(-1)[region] += wd * wp
             self._update(p, g, self._state[i])
 
     # Moment buffers of parameters whose gradient is exactly 0 (dead ReLUs) decay
@@ -74,12 +75,14 @@ class Optimizer:
                 limit = SUBNORMAL_MARGIN * np.finfo(buf.dtype).tiny
                 np.putmask(buf, np.abs(buf) < limit, 0)
 
-    def _decay_region(self, i: int, p: np.ndarray) -> slice | None:
+    def _decay_regions(self, i: int, p: np.ndarray) -> Sequence[slice]:
         flag = (p.ndim >= 2) if self.decay is None else self.decay[i]
         if flag is True:
-            return slice(None)
+            return (slice(None),)
         if flag is False:
-            return None
+            return ()
+        if isinstance(flag, slice):
+            return (flag,)
         return flag
 
     def _init_state(self, p: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -323,3 +323,28 @@ def test_result_to_dict_is_plain():
     result = fit(TrainConfig(hidden_layers=(8,), max_epochs=2), data)
     payload = json.loads(json.dumps(result.to_dict()))
     assert payload["stopped_epoch"] == 2 and payload["stop_reason"] == "max_epochs"
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5, 0.9])
+def test_dropout_masks_are_inverted_and_have_rate_p(p):
+    from trainer.fit import _Dropout
+
+    drop = _Dropout(p, (64, 32), 500, np.dtype(np.float32))
+    drop.draw(np.random.default_rng(0), 500)
+    masks = drop.masks(0, 500)
+    assert [m.shape for m in masks] == [(64, 500), (32, 500)]
+    values = np.concatenate([m.ravel() for m in masks])
+    assert set(np.unique(values)) == {0.0, np.float32(drop.scale)}
+    assert abs(np.mean(values == 0) - p) < 0.01
+    assert abs(values.mean() - 1.0) < 0.03  # inverted dropout keeps the expectation
+
+
+def test_dropout_is_off_at_evaluation(digits):
+    cfg = TrainConfig(hidden_layers=(32,), dropout=0.5, max_epochs=2)
+    result = fit(cfg, digits)
+    net = result.network
+    # Evaluation is deterministic (no masks) and matches the recorded validation loss.
+    a = net.evaluate(digits.X_val, digits.y_val)
+    b = net.evaluate(digits.X_val, digits.y_val)
+    assert a == b
+    assert a["loss"] == result.history[result.best_epoch - 1]["val_loss"]
