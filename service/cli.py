@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -30,6 +32,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 # Seconds a worker gets to finish its epoch and hand back its trial after SIGTERM.
 WORKER_STOP_TIMEOUT_S = 30
+# Linux prctl option: the signal a child gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 
 UrlOpt = Annotated[str, typer.Option(envvar="HPTUNE_URL", help="API base URL.")]
 KeyOpt = Annotated[str | None, typer.Option(envvar="HPTUNE_API_KEY", help="API key.")]
@@ -91,8 +95,18 @@ def _api_call(fn, *args):
         raise typer.Exit(1) from None
 
 
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM when the parent dies, so embedded workers never outlive it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own shutdown still stops its workers
+
+
 def _spawn_workers(n: int, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-m", "service", "worker"], env=env)
+    return [subprocess.Popen([sys.executable, "-m", "service", "worker"], env=env,
+                             preexec_fn=_die_with_parent)
             for _ in range(n)]
 
 

@@ -47,3 +47,35 @@ def test_cli_errors_are_messages_not_tracebacks(server, tmp_path):
     assert r.returncode == 1 and "cannot reach the API" in r.stderr
     r = hptune("serve", env={**env, "HPTUNE_GRACE_PERIOD": "1"}, check=False)
     assert r.returncode == 2 and "HPTUNE_GRACE_PERIOD" in r.stderr
+
+
+def test_embedded_workers_never_outlive_serve(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import start_server
+
+    srv = start_server(tmp_path, workers=2)
+    deadline = time.monotonic() + 30
+    kids: list[str] = []
+    while len(kids) < 2 and time.monotonic() < deadline:
+        kids = subprocess.run(["pgrep", "-P", str(srv.proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+        time.sleep(0.2)
+    assert len(kids) == 2
+    os.kill(srv.proc.pid, signal.SIGKILL)  # no chance to stop its workers itself
+    srv.proc.wait()
+
+    def alive(pid: str) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                return "zombie" not in fh.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 40
+    while any(alive(k) for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(k) for k in kids)
