@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -109,8 +110,13 @@ def _reaper(db: Database, stop: threading.Event) -> None:
             log.warning("reaper round failed: %s", exc)
 
 
-def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
-    """The API app on `settings`' database; the reaper thread runs while the app serves."""
+def create_app(settings: Settings | None = None, db: Database | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The API app on `settings`' database; the reaper thread runs while the app serves.
+
+    `on_shutdown` runs (in a thread) when the server stops, before it exits: `hptune serve`
+    stops its embedded workers there.
+    """
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -121,6 +127,8 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
         reaper.start()
         yield
         stop.set()
+        if on_shutdown is not None:
+            await anyio.to_thread.run_sync(on_shutdown)
         reaper.join(timeout=10)
         app.state.db.dispose()
 

@@ -142,7 +142,10 @@ def serve(
     upgrade(db)
     procs = _spawn_workers(workers)
     try:
-        uvicorn.run(create_app(settings, db), host=host, port=port, log_level="warning")
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so the workers are stopped
+        # in the app's shutdown, not after run() returns.
+        uvicorn.run(create_app(settings, db, on_shutdown=lambda: _stop_workers(procs)),
+                    host=host, port=port, log_level="warning")
     finally:
         _stop_workers(procs)
 
