@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import os
 import random
+import sqlite3
 import threading
 import time
 import warnings
@@ -16,7 +18,16 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import optuna
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    select,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -81,7 +92,11 @@ def engine_kwargs(settings: Settings, application_name: str | None = None) -> di
     }
 
 
+@event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    """Every SQLite connection of the process, Optuna's included, from its first one."""
+    if not isinstance(dbapi_conn, sqlite3.Connection):
+        return
     cur = dbapi_conn.cursor()
     # The busy timeout first: switching to WAL itself may wait for another process.
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
@@ -302,7 +317,7 @@ _RETRIED_METHODS = (
     "get_trial_id_from_study_id_trial_number", "get_trial_param", "get_trial_user_attrs",
     "get_trial_system_attrs", "get_n_trials",
     "set_trial_param", "_set_trial_param", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "_get_stale_trial_ids",
+    "set_trial_system_attr", "_get_stale_trial_ids",
 )
 
 
@@ -327,13 +342,65 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
         self._on_outage = on_outage
         self._state_lock = state_lock
         self._failing_since: float | None = None
+        # Trial user attributes not yet written: {trial_id: {key: value_json}}.
+        self._pending: dict[int, dict[str, str]] = {}
+        self._pending_lock = threading.Lock()
         super().__init__(url, **kwargs)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Buffered: written with the next storage call, all of a trial's in one transaction.
+
+        A finished trial reports a dozen attributes one by one; one statement each (plus a
+        commit and a pool ping) made them the largest part of a short trial's database time.
+        Every other call of this storage writes the buffer first, so this process never reads
+        its own writes out of order; other processes see them at the trial's next report or
+        tell at the latest.
+        """
+        value_json = json.dumps(value)  # fails here, at the caller, if not JSON
+        with self._pending_lock:
+            self._pending.setdefault(trial_id, {})[key] = value_json
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        from optuna.storages._rdb import models
+
+        attr = models.TrialUserAttributeModel
+        session = self.scoped_session()
+        try:
+            for trial_id, values in pending.items():
+                state = session.execute(select(models.TrialModel.state)
+                                        .where(models.TrialModel.trial_id == trial_id)
+                                        ).scalar_one_or_none()
+                if state is None or state.is_finished():
+                    continue  # someone else finished it: its tell will say so
+                session.execute(delete(attr).where(attr.trial_id == trial_id,
+                                                   attr.key.in_(list(values))))
+                session.add_all([attr(trial_id=trial_id, key=k, value_json=v)
+                                 for k, v in values.items()])
+            session.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            with self._pending_lock:  # keep them for the retry, newer values winning
+                for trial_id, values in pending.items():
+                    self._pending[trial_id] = {**values, **self._pending.get(trial_id, {})}
+            raise
+        finally:
+            session.close()
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        self._call(self._flush)
+        return super()._create_new_trial(study_id, template_trial)
 
     def _call(self, fn: Callable[[], T],
               after_unknown_outcome: Callable[[Exception], T | None] | None = None) -> T:
         attempt = 0
         while True:
             try:
+                self._flush()
                 result = fn()
             except Exception as exc:
                 if attempt > 0 and after_unknown_outcome is not None and not is_transient(exc):
@@ -539,6 +606,17 @@ class Database:
                 "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
                 "WHERE s.study_name = :name AND CAST(t.state AS VARCHAR(16)) = 'RUNNING' "
                 "AND h.trial_id IS NULL"), {"name": study_name}))
+
+    def retried_trial_numbers(self, study_name: str) -> set[int]:
+        """Numbers of the study's trials that already have a retry (Optuna's retry_history)."""
+        with self.session() as s:
+            values = s.scalars(text(
+                "SELECT a.value_json FROM trial_system_attributes a "
+                "JOIN trials t ON t.trial_id = a.trial_id "
+                "JOIN studies s ON s.study_id = t.study_id "
+                "WHERE s.study_name = :name AND a.key = 'retry_history'"), {"name": study_name})
+            histories = [json.loads(v) for v in values]
+        return {int(h[-1]) for h in histories if h}
 
     def release_idle_connections(self) -> None:
         """Close pooled connections no one is using (an idle worker keeps none it doesn't need)."""

@@ -636,10 +636,19 @@ def _reap_job(db: Database, job: Job) -> None:
             fail_trial(db, study, trial_id, error="the worker died before its first heartbeat")
             # the retry follows below
     # FAIL trials without a retry: a worker or reaper that died between failing a trial and
-    # queueing its retry, or a retry that found no free slot then.
+    # queueing its retry, or a retry that found no free slot then. Chains at their retry
+    # limit are left alone (their slot goes to a fresh sample).
     if job.status in ACTIVE:
-        for t in retrying(lambda: study.get_trials(deepcopy=False,
-                                                   states=(TrialState.FAIL,))):
+        retried = retrying(lambda: db.retried_trial_numbers(job.study_name))
+        failed = retrying(lambda: db.storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.FAIL,)))
+        handed_back = {t.number for t in failed if t.user_attrs.get(STOP_CAUSE) == HANDED_BACK}
+        for t in failed:
+            if t.number in retried:
+                continue
+            chain = [*(t.system_attrs.get("retry_history") or []), t.number]
+            if len(chain) > db.settings.max_trial_retries + len(handed_back.intersection(chain)):
+                continue
             retry_failed_trial(db, study, t)
 
 

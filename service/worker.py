@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import TrialState
 from threadpoolctl import threadpool_limits
 
-from search import TrialOutcome, load_study, run_trial
+from search import TrialOutcome, build_sampler, load_study, run_trial
 from service import jobs
 from service.datasets import load_job_dataset
 from service.db import Database, JobLock, is_transient
@@ -33,13 +33,15 @@ log = logging.getLogger("hptune.worker")
 
 # How often a running trial asks whether its job was cancelled or timed out.
 CANCEL_POLL_INTERVAL_S = 1.0
-# How often an idle worker also runs the reaper.
-IDLE_REAP_INTERVAL_S = 5.0
+# How often a worker also runs the reaper (between trials, or while idle).
+REAP_INTERVAL_S = 5.0
 # How often a worker updates its row in the worker registry (shown by /metrics).
 REGISTRY_INTERVAL_S = 10.0
 # Backoff of the loop after a database error: doubles from the first value up to the cap.
 ERROR_BACKOFF_FIRST_S = 0.5
 ERROR_BACKOFF_MAX_S = 10.0
+# Studies a worker keeps open (most recently used first out last).
+STUDY_CACHE_SIZE = 4
 # Exit status of a worker that exits on purpose in a test (HPTUNE_TEST_CRASH_ON_PARAM).
 TEST_CRASH_EXIT_CODE = 86
 
@@ -66,8 +68,7 @@ class Heartbeat:
             try:
                 self._storage.record_heartbeat(self.trial_id)
             except Exception as exc:  # a missed beat is retried; the grace period absorbs it
-                log.warning("heartbeat for trial %s failed: %s", self.trial_id,
-                            str(exc).splitlines()[0][:200])
+                log.warning("heartbeat for trial %s failed: %s", self.trial_id, _one_line(exc))
             if self._stop.wait(self._interval_s):
                 return
 
@@ -106,12 +107,35 @@ class Worker:
         self.trials_run = 0
         self._crash = parse_crash_param(db.settings.test_crash_on_param)
         self._last_registry = 0.0
+        self._parent = os.getppid()
+        self._embedded = _started_by_serve(self._parent)
+        # Open studies by name: their cache keeps finished trials, so a worker reads each
+        # finished trial once instead of the whole study before every trial.
+        self._studies: dict[str, optuna.Study] = {}
+
+    def _study(self, claim: jobs.Claim) -> optuna.Study:
+        """The claim's study, with a sampler seeded by the claim number."""
+        study = self._studies.pop(claim.study_name, None)
+        if study is None:
+            study = load_study(claim.spec, self.db.storage, claim.study_name,
+                               claim.claim_number)
+        else:
+            study.sampler = build_sampler(claim.spec, claim.claim_number)
+        self._studies[claim.study_name] = study
+        while len(self._studies) > STUDY_CACHE_SIZE:
+            self._studies.pop(next(iter(self._studies)))
+        return study
 
     def stop(self) -> None:
         self._stop.set()
 
     @property
     def stopping(self) -> bool:
+        if not self._stop.is_set() and self._embedded and os.getppid() != self._parent:
+            # An embedded worker never outlives its `hptune serve`, however that ended.
+            log.warning("%s: its hptune serve (pid %d) is gone; stopping", self.name,
+                        self._parent)
+            self._stop.set()
         return self._stop.is_set()
 
     def run(self, max_trials: int | None = None) -> None:
@@ -122,7 +146,7 @@ class Worker:
         busy = False
         self._announce("idle", force=True)
         with threadpool_limits(limits=1):
-            while not self._stop.is_set():
+            while not self.stopping:
                 try:
                     ran = self.run_one()
                     errors = 0
@@ -136,6 +160,13 @@ class Worker:
                         log.debug("traceback", exc_info=exc)
                     self._stop.wait(delay)
                     continue
+                if time.monotonic() - last_reap > REAP_INTERVAL_S:
+                    # Busy or idle, workers reap too: a dead peer's trial is retried sooner.
+                    last_reap = time.monotonic()
+                    try:
+                        jobs.reap(self.db)
+                    except Exception as exc:
+                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
                 if ran:
                     busy = True
                     if max_trials is not None and self.trials_run >= max_trials:
@@ -144,14 +175,9 @@ class Worker:
                 if busy:
                     # Back to idle: give back the connections the trials needed.
                     busy = False
+                    self._studies.clear()
                     self.db.release_idle_connections()
                     self._announce("idle", force=True)
-                if time.monotonic() - last_reap > IDLE_REAP_INTERVAL_S:
-                    last_reap = time.monotonic()
-                    try:
-                        jobs.reap(self.db)
-                    except Exception as exc:
-                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
                 self._announce("idle")
                 self._stop.wait(self.db.settings.poll_interval)
         self._announce("stopped", force=True)
@@ -203,7 +229,7 @@ class Worker:
         `lock` (the job's claim lock, if held) is released as soon as the trial exists.
         """
         db = self.db
-        study = load_study(claim.spec, db.storage, claim.study_name, claim.claim_number)
+        study = self._study(claim)
         started: list[optuna.Trial] = []
         heartbeat: list[Heartbeat] = []
         last_poll = [time.monotonic()]
@@ -236,7 +262,7 @@ class Worker:
                           self.name, trial.number, trial.params)
                 logging.shutdown()
                 os._exit(TEST_CRASH_EXIT_CODE)
-            if self._stop.is_set():
+            if self.stopping:
                 return stop_with(jobs.HANDED_BACK)
             if claim.deadline is not None and time.time() >= claim.deadline:
                 jobs.refresh_job(db, claim.job_id)  # marks the job timed out
@@ -297,10 +323,23 @@ class Worker:
                         self.name, claim.job_id, _one_line(exc))
 
 
+def _started_by_serve(ppid: int) -> bool:
+    """Whether the parent process is `hptune serve` (Linux /proc; False where unknown)."""
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return b"serve" in argv and any(a.endswith((b"hptune", b"service")) for a in argv)
+
+
 def _one_line(exc: BaseException | None) -> str:
+    """`Type: first line` of an error, naming the driver's error under Optuna's wrapper."""
     if exc is None:
         return ""
-    text = str(exc).strip().splitlines()
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
@@ -329,6 +368,7 @@ def run_worker(settings: Settings) -> None:
     while not worker.stopping:
         try:
             upgrade(db)
+            db.release_idle_connections()  # the migration's connections are not needed again
             break
         except Exception as exc:  # the database may not be up yet (cold start, outage)
             attempt += 1
