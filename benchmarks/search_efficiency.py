@@ -30,7 +30,7 @@ median over seeds of R's best validation accuracy minus 0.5 percentage points (`
 reached).
 
 Usage:
-    python benchmarks/search_efficiency.py                       # 2 datasets x 5 seeds x R O D
+    python benchmarks/search_efficiency.py                       # 2 datasets x 10 seeds x R O D
     python benchmarks/search_efficiency.py --quick               # smoke run, about a minute
     python benchmarks/search_efficiency.py --strategies D --load runs.json \\
         --default-override '{"pruner": {"name": "successive_halving"}}'
@@ -494,7 +494,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=None,
                    help="bundled datasets (default: digits mnist1d; --quick: digits)")
     p.add_argument("--seeds", type=int, default=None,
-                   help="seeds per dataset and strategy (default 5; --quick: 1)")
+                   help="seeds per dataset and strategy (default 10; --quick: 1)")
     p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--strategies", nargs="+", default=["R", "O", "D"],
                    help="any of R O D, in the order to run them (default: R O D)")
@@ -515,7 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--quick: none)")
     args = p.parse_args(argv)
     args.datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist1d"])
-    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 10)
     args.n_trials = args.n_trials or (6 if args.quick else N_TRIALS)
     args.max_epochs = args.max_epochs or (5 if args.quick else MAX_EPOCHS)
     if args.out is None and not args.quick:
@@ -538,6 +538,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server and its workers are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     check_default_space()
     command = "python " + " ".join(shlex.quote(a) for a in
                                    [str(Path(sys.argv[0]).resolve().relative_to(ROOT))

@@ -151,7 +151,7 @@ class PrunerSpec(_Strict):
     """When a trial is stopped for lagging behind its peers; rungs are counted in epochs."""
 
     name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
-                  "threshold", "patient"] = "hyperband"
+                  "threshold", "patient"] = "successive_halving"
     # Successive halving and Hyperband: the first rung, and the keep-one-in-N factor.
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2, le=10)
@@ -201,7 +201,7 @@ class WarmStartSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    patience: int | None = Field(default=5, ge=1)
+    patience: int | None = Field(default=None, ge=1)
     min_delta: float = Field(default=0.0, ge=0.0)
 
 

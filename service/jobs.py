@@ -423,11 +423,17 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
     The caller must hold `db.job_lock(job_id)` from before this call until its trial exists
     in the study (Optuna's ask returned), so that no other claim counts in between.
     """
+    import time as _time
+
     def attempt() -> Claim | None:
         with db.session() as s:
-            job = s.execute(select(Job.status, Job.n_trials, Job.study_name)
-                            .where(Job.id == job_id)).first()
+            job = s.execute(select(Job.status, Job.n_trials, Job.study_name, Job.spec,
+                                   Job.started_at).where(Job.id == job_id)).first()
         if job is None or job.status not in ACTIVE or not job.study_name:
+            return None
+        deadline = job_deadline(job.spec, job.started_at)
+        if deadline is not None and _time.time() >= deadline:
+            refresh_job(db, job_id)  # timed out: no new trial starts
             return None
         in_use = db.slots_in_use([job.study_name]).get(job.study_name, 0)
         if in_use >= job.n_trials:

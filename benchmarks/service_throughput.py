@@ -1,0 +1,213 @@
+"""Worker utilisation and scaling of the service itself: real API, real workers, real databases.
+
+For each backend (SQLite file; PostgreSQL, a throwaway server started here as in the tests)
+and each worker count (1 and 2), this starts `hptune serve --workers 0` plus N standalone
+`python -m service worker` processes, runs one warm-up job (every worker loads the dataset
+once), then R measured jobs of about one-second trials, and reports per job:
+
+  utilisation = sum of trial run times / (job wall time x workers)
+  throughput  = finished trials / job wall time
+
+A trial's run time is its datetime_complete - datetime_start (Optuna's ask to tell, so it
+includes the trial's own reports); the job's wall time runs from its first claim to its last
+trial's end, so it also counts every gap between trials: claiming, settling, polling. The
+2-worker / 1-worker throughput ratio shows how well two workers share the database.
+
+Targets (the issue): utilisation >= 0.9 with one-second trials; 2 workers >= 1.8x one on two
+cores. The medians over the R jobs are printed as a Markdown table.
+
+Usage: python benchmarks/service_throughput.py [--repeats 3] [--trials-per-worker 8]
+                                               [--backends sqlite postgresql] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.postgres import PostgresServer, unavailable_reason  # noqa: E402
+
+# About one second of training per trial on one core: 10 epochs of a 512-512 MLP on digits.
+JOB = {
+    "name": "throughput",
+    "dataset": "digits",
+    "max_epochs": 10,
+    "search_space": {"batch_size": {"value": 64}},
+    "sampler": {"name": "random", "seed": 0},
+    "pruner": {"name": "none"},
+    "early_stopping": {"patience": None},
+    "model": {"hidden_layers": [512, 512]},
+}
+ENV = {
+    "HPTUNE_HEARTBEAT_INTERVAL": "5",
+    "HPTUNE_GRACE_PERIOD": "20",
+    "HPTUNE_POLL_INTERVAL": "0.5",
+    "HPTUNE_LOG_LEVEL": "WARNING",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+class Service:
+    """hptune serve --workers 0 and N standalone workers on one database."""
+
+    def __init__(self, url: str, workers: int, tmp: Path) -> None:
+        self.env = {**os.environ, **ENV, "HPTUNE_DATABASE_URL": url}
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / f"service-{self.port}.log", "w")  # noqa: SIM115
+        self.procs = [self._spawn("serve", "--port", str(self.port), "--workers", "0")]
+        self._wait_api()
+        self.procs += [self._spawn("worker") for _ in range(workers)]
+        self.key = self._key()
+        self.http = httpx.Client(base_url=self.base, timeout=60,
+                                 headers={"Authorization": f"Bearer {self.key}"})
+
+    def _spawn(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "service", *args], env=self.env,
+                                cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def _wait_api(self) -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the API did not start")
+
+    def _key(self) -> str:
+        out = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--owner",
+                              "bench"], env=self.env, cwd=ROOT, check=True,
+                             capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    def run_job(self, n_trials: int, seed: int) -> dict:
+        spec = {**JOB, "n_trials": n_trials, "sampler": {"name": "random", "seed": seed}}
+        r = self.http.post("/api/v1/jobs", json=spec)
+        r.raise_for_status()
+        job_id = r.json()["id"]
+        while True:
+            job = self.http.get(f"/api/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        if job["status"] != "succeeded":
+            raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
+        trials = self.http.get(f"/api/v1/jobs/{job_id}/trials").json()["data"]
+        return {"job": job, "trials": trials}
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.http.close()
+        self.log.close()
+
+
+def measure(result: dict, workers: int) -> dict[str, float]:
+    """Utilisation and throughput of one finished job."""
+    done = [t for t in result["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    # Trial times are naive local times from Optuna; the job's are UTC: compare like with like.
+    starts = [datetime.fromisoformat(t["datetime_start"]).timestamp() for t in done]
+    ends = [datetime.fromisoformat(t["datetime_complete"]).timestamp() for t in done]
+    busy = sum(e - s for s, e in zip(starts, ends, strict=True))
+    claimed = _parse(result["job"]["started_at"])
+    first = min(starts)
+    # The job's first claim, in the trials' clock (they may differ by the UTC offset).
+    offset = round((first - claimed) / 3600) * 3600
+    wall = max(ends) - (claimed + offset)
+    return {"utilisation": busy / (wall * workers), "throughput": len(done) / wall,
+            "trial_s": busy / len(done), "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--trials-per-worker", type=int, default=8)
+    ap.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="hptune-throughput-"))
+    server = None
+    rows = []
+    try:
+        for backend in args.backends:
+            if backend == "postgresql":
+                reason = unavailable_reason()
+                if reason:
+                    print(f"skipping PostgreSQL: {reason}", file=sys.stderr)
+                    continue
+                server = server or PostgresServer.create()
+                server.ensure_running()
+            throughput: dict[int, float] = {}
+            for workers in args.workers:
+                if backend == "sqlite":
+                    url = f"sqlite:///{tmp / f'bench-{workers}.db'}"
+                else:
+                    url = server.create_database("bench")
+                svc = Service(url, workers, tmp)
+                try:
+                    svc.run_job(2 * workers, seed=999)  # warm-up: imports, dataset
+                    runs = [measure(svc.run_job(args.trials_per_worker * workers, seed=i),
+                                    workers) for i in range(args.repeats)]
+                finally:
+                    svc.stop()
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                throughput[workers] = med["throughput"]
+                rows.append((backend, workers, med, runs))
+                print(f"{backend} x{workers}: utilisation "
+                      f"{[round(r['utilisation'], 3) for r in runs]}, trials/s "
+                      f"{[round(r['throughput'], 3) for r in runs]}", file=sys.stderr)
+            if 1 in throughput and 2 in throughput:
+                rows.append((backend, "2/1", {"ratio": throughput[2] / throughput[1]}, []))
+    finally:
+        if server is not None:
+            server.destroy()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nservice throughput, medians of {args.repeats} jobs of "
+          f"{args.trials_per_worker} trials per worker; {os.cpu_count()} CPUs, "
+          f"{platform.python_version()}\n")
+    print("| backend | workers | utilisation | trials/s | mean trial s | job wall s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for backend, workers, med, _ in rows:
+        if workers == "2/1":
+            print(f"| {backend} | 2 vs 1 | throughput ratio {med['ratio']:.2f}x | | | |")
+        else:
+            print(f"| {backend} | {workers} | {med['utilisation']:.3f} | "
+                  f"{med['throughput']:.3f} | {med['trial_s']:.3f} | {med['wall_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
