@@ -135,7 +135,6 @@ def test_event_stream_delivers_the_final_state(server):
 
 
 def test_metrics_parse_with_the_prometheus_parser(finished, server):
-    _, job, study = finished
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     jobs = {s.labels["status"]: s.value for s in families["hptune_jobs"].samples}
