@@ -11,7 +11,10 @@ once), then R measured jobs of about one-second trials, and reports per job:
 A trial's run time is its datetime_complete - datetime_start (Optuna's ask to tell, so it
 includes the trial's own reports); the job's wall time runs from its first claim to its last
 trial's end, so it also counts every gap between trials: claiming, settling, polling. The
-2-worker / 1-worker throughput ratio shows how well two workers share the database.
+2-worker / 1-worker throughput ratio shows how well two workers share the machine and the
+database; 2 x u2 / u1 (the utilisations) is the same ratio without CPU contention, i.e.
+hptune's own coordination cost, which is what remains when two workers run on two idle
+cores. On a shared machine compare that one, and read the load average printed with it.
 
 Targets (the issue): utilisation >= 0.9 with one-second trials; 2 workers >= 1.8x one on two
 cores. The medians over the R jobs are printed as a Markdown table.
@@ -158,6 +161,7 @@ def main() -> None:
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     args = ap.parse_args()
 
+    load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     tmp = Path(tempfile.mkdtemp(prefix="hptune-throughput-"))
     server = None
     rows = []
@@ -171,6 +175,8 @@ def main() -> None:
                 server = server or PostgresServer.create()
                 server.ensure_running()
             throughput: dict[int, float] = {}
+            utilisation: dict[int, float] = {}
+            trial_s: dict[int, float] = {}
             for workers in args.workers:
                 if backend == "sqlite":
                     url = f"sqlite:///{tmp / f'bench-{workers}.db'}"
@@ -185,12 +191,20 @@ def main() -> None:
                     svc.stop()
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 throughput[workers] = med["throughput"]
+                utilisation[workers] = med["utilisation"]
+                trial_s[workers] = med["trial_s"]
                 rows.append((backend, workers, med, runs))
                 print(f"{backend} x{workers}: utilisation "
                       f"{[round(r['utilisation'], 3) for r in runs]}, trials/s "
                       f"{[round(r['throughput'], 3) for r in runs]}", file=sys.stderr)
             if 1 in throughput and 2 in throughput:
-                rows.append((backend, "2/1", {"ratio": throughput[2] / throughput[1]}, []))
+                rows.append((backend, "2/1", {
+                    "ratio": throughput[2] / throughput[1],
+                    # What the ratio would be if a trial ran as fast beside a second worker
+                    # as alone: hptune's own coordination cost, without CPU contention.
+                    "coordination": 2 * utilisation[2] / utilisation[1],
+                    "slowdown": trial_s[2] / trial_s[1],
+                }, []))
     finally:
         if server is not None:
             server.destroy()
@@ -198,12 +212,15 @@ def main() -> None:
 
     print(f"\nservice throughput, medians of {args.repeats} jobs of "
           f"{args.trials_per_worker} trials per worker; {os.cpu_count()} CPUs, "
-          f"{platform.python_version()}\n")
+          f"Python {platform.python_version()}; load average before {load_before}, after "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
     print("| backend | workers | utilisation | trials/s | mean trial s | job wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for backend, workers, med, _ in rows:
         if workers == "2/1":
-            print(f"| {backend} | 2 vs 1 | throughput ratio {med['ratio']:.2f}x | | | |")
+            print(f"| {backend} | 2 vs 1 | throughput ratio {med['ratio']:.2f}x; "
+                  f"2 x u2/u1 = {med['coordination']:.2f}x | | trial time x"
+                  f"{med['slowdown']:.2f} | |")
         else:
             print(f"| {backend} | {workers} | {med['utilisation']:.3f} | "
                   f"{med['throughput']:.3f} | {med['trial_s']:.3f} | {med['wall_s']:.1f} |")

@@ -170,7 +170,7 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
     @app.get("/api/v1/jobs", response_model=JobsPublic, tags=["jobs"])
     def list_jobs(db: DbDep, owner: OwnerDep,
                   limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+                  offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> dict[str, Any]:
         """The caller's jobs, newest first."""
         rows, count = jobs.list_jobs(db, owner, limit, offset)
         return {"data": jobs.jobs_public(db, rows), "count": count}

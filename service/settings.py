@@ -59,6 +59,9 @@ class Settings(BaseSettings):
             raise ValueError("HPTUNE_GRACE_PERIOD must be greater than HPTUNE_HEARTBEAT_INTERVAL")
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("HPTUNE_DATABASE_URL must be PostgreSQL when environment=production")
+        if self.pool_size + self.max_overflow < 2:
+            # A worker holds a job's claim lock on one connection while it counts on another.
+            raise ValueError("HPTUNE_POOL_SIZE + HPTUNE_MAX_OVERFLOW must be at least 2")
         if self.environment == "production" and self.test_crash_on_param:
             raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM is for tests; unset it in production")
         if self.test_crash_on_param is not None and "=" not in self.test_crash_on_param:

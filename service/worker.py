@@ -107,8 +107,6 @@ class Worker:
         self.trials_run = 0
         self._crash = parse_crash_param(db.settings.test_crash_on_param)
         self._last_registry = 0.0
-        self._parent = os.getppid()
-        self._embedded = _started_by_serve(self._parent)
         # Open studies by name: their cache keeps finished trials, so a worker reads each
         # finished trial once instead of the whole study before every trial.
         self._studies: dict[str, optuna.Study] = {}
@@ -131,11 +129,6 @@ class Worker:
 
     @property
     def stopping(self) -> bool:
-        if not self._stop.is_set() and self._embedded and os.getppid() != self._parent:
-            # An embedded worker never outlives its `hptune serve`, however that ended.
-            log.warning("%s: its hptune serve (pid %d) is gone; stopping", self.name,
-                        self._parent)
-            self._stop.set()
         return self._stop.is_set()
 
     def run(self, max_trials: int | None = None) -> None:
@@ -321,16 +314,6 @@ class Worker:
             # reaper fails and retries it after the grace period.
             log.warning("%s job %s: could not settle the trial (%s); the reaper will",
                         self.name, claim.job_id, _one_line(exc))
-
-
-def _started_by_serve(ppid: int) -> bool:
-    """Whether the parent process is `hptune serve` (Linux /proc; False where unknown)."""
-    try:
-        with open(f"/proc/{ppid}/cmdline", "rb") as fh:
-            argv = fh.read().split(b"\0")
-    except OSError:
-        return False
-    return b"serve" in argv and any(a.endswith((b"hptune", b"service")) for a in argv)
 
 
 def _one_line(exc: BaseException | None) -> str:

@@ -187,7 +187,9 @@ def test_cancel_stops_running_trials_within_an_epoch(cluster, module_backend):
     trials = cluster.trials(job_id)
     assert not [t for t in trials if t["state"] in ("RUNNING", "WAITING")]
     cancelled = [t for t in trials if t["state"] == "FAIL"]
-    assert len(cancelled) == 2 and all(t["stop_reason"] == "cancelled" for t in cancelled)
+    # Both running trials stop at their next epoch (one may have just finished instead).
+    assert 1 <= len(cancelled) <= 2, trials
+    assert all(t["stop_reason"] == "cancelled" for t in cancelled)
     assert not [t for t in trials if "retry_of" in t["details"]], "a cancelled job retries"
     assert all(w.alive() for w in workers)
 
