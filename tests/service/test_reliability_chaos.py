@@ -19,8 +19,10 @@ KILL_EVERY_S = 4.0
 # costs seconds of CPU, and an endless stream of them measures process start-up, not hptune.
 MAX_KILLS = 5
 # Each kill loses at most one partly trained trial plus the grace period before its retry;
-# on two cores the replacement's start-up also slows the others. The target is 1.5x.
-WALL_RATIO_LIMIT = 2.5
+# on two cores the replacement's start-up also slows the others, and on a shared CI machine
+# the two runs may see different loads. The target is 1.5x; the assertion only catches a
+# stall (a lost retry, a stuck slot), which shows as many times the undisturbed wall time.
+WALL_RATIO_LIMIT = 3.0
 CHAOS_JOB = {
     "name": "chaos",
     "dataset": "digits",

@@ -13,12 +13,13 @@ import time
 
 import pytest
 
-# Trials of a second or two: long enough to be caught mid-run by a signal or a cancel.
+# Trials of about three seconds on a quiet machine (0.02 s an epoch): long enough to be
+# caught mid-run by a signal or a cancel sent half a second after they start.
 LONG_JOB = {
     "name": "long",
     "dataset": "digits",
     "n_trials": 4,
-    "max_epochs": 30,
+    "max_epochs": 150,
     "search_space": {"batch_size": {"choices": [64]}},
     "sampler": {"name": "random", "seed": 0},
     "pruner": {"name": "none"},
