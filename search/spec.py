@@ -148,10 +148,19 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    """When a trial is stopped for lagging behind its peers; rungs are counted in epochs."""
+    """When a trial is stopped for lagging behind its peers.
+
+    Rungs (min_resource) and warm-up (n_warmup_steps) are counted in `resource`: epochs, or
+    training examples seen, which puts trials with different batch sizes on equal compute and
+    lets a pruner act within an epoch (metrics reported every `report_every` examples).
+    """
 
     name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
                   "threshold", "patient"] = "successive_halving"
+    resource: Literal["epochs", "examples"] = "epochs"
+    # With resource "examples": report the metric every this many examples; None: at the end
+    # of each epoch (at examples = epochs x training rows).
+    report_every: int | None = Field(default=None, ge=1, le=2**31 - 1)
     # Successive halving and Hyperband: the first rung, and the keep-one-in-N factor.
     min_resource: int = Field(default=1, ge=1)
     reduction_factor: int = Field(default=3, ge=2, le=10)
@@ -175,7 +184,11 @@ class PrunerSpec(_Strict):
                 raise ValueError("threshold pruner needs lower or upper")
             if self.lower is not None and self.upper is not None and self.lower > self.upper:
                 raise ValueError("lower must be <= upper")
+        if self.report_every is not None and self.resource != "examples":
+            raise ValueError('report_every needs resource "examples"')
         if self.wrapped is not None:
+            if self.wrapped.resource != "epochs" or self.wrapped.report_every is not None:
+                raise ValueError("set resource and report_every on the outer (patient) pruner")
             if self.name != "patient":
                 raise ValueError("only the patient pruner wraps another pruner")
             if self.wrapped.name == "patient":

@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -88,11 +88,18 @@ def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSa
     )
 
 
-def build_pruner(spec: JobSpec | PrunerSpec, max_epochs: int | None = None
-                 ) -> optuna.pruners.BasePruner:
-    """The spec's pruner, with rungs counted in epochs."""
+def build_pruner(spec: JobSpec | PrunerSpec, max_resource: int | None = None,
+                 n_train: int | None = None) -> optuna.pruners.BasePruner:
+    """The spec's pruner, with steps counted in the spec's resource (epochs or examples).
+
+    Hyperband's max_resource is max_epochs, or max_epochs x n_train (the dataset's training
+    rows) with resource "examples"; "auto" where that is unknown.
+    """
     if isinstance(spec, JobSpec):
-        return build_pruner(spec.pruner, spec.max_epochs)
+        max_resource = spec.max_epochs
+        if spec.pruner.resource == "examples":
+            max_resource = spec.max_epochs * n_train if n_train else None
+        return build_pruner(spec.pruner, max_resource)
     p = spec
     if p.name == "none":
         return optuna.pruners.NopPruner()
@@ -109,10 +116,10 @@ def build_pruner(spec: JobSpec | PrunerSpec, max_epochs: int | None = None
         return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper,
                                               n_warmup_steps=p.n_warmup_steps)
     if p.name == "patient":
-        wrapped = build_pruner(p.wrapped, max_epochs) if p.wrapped else None
+        wrapped = build_pruner(p.wrapped, max_resource) if p.wrapped else None
         return optuna.pruners.PatientPruner(wrapped, patience=p.patience, min_delta=p.min_delta)
     return optuna.pruners.HyperbandPruner(
-        min_resource=p.min_resource, max_resource=max_epochs or "auto",
+        min_resource=p.min_resource, max_resource=max_resource or "auto",
         reduction_factor=p.reduction_factor)
 
 
@@ -335,25 +342,42 @@ def run_trial(
     # Audited trials keep training after the pruner's verdict, silently: the study sees exactly
     # what it would have seen without the audit.
     audit = _audit_draw(spec, trial.number)
+    n_train = len(data.X_train)
+    by_examples = spec.pruner.resource == "examples"
+    if by_examples:
+        # Hyperband's largest rung depends on the dataset's size.
+        study.pruner = build_pruner(spec, n_train=n_train)
+        config = replace(config,
+                         eval_every_examples=spec.pruner.report_every or n_train)
     started = time.perf_counter()
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+    def report(step: int, metrics: dict[str, float]) -> bool:
+        """Report the metric at `step` (in the pruner's resource); True stops the trial."""
         value = float(metrics[spec.metric])
         # Diverged epochs are the trainer's to stop; audited trials report nothing past the
         # pruner's verdict.
         reportable = math.isfinite(value) and not pruned_at
         if reportable:
-            trial.report(value, epoch)
+            trial.report(value, step)
         if should_stop():
             cancelled.append(True)
             return True
         if reportable and trial.should_prune():
-            pruned_at.append(epoch)
+            pruned_at.append(step)
             return not audit
         return False
 
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
+        if not by_examples:
+            return report(epoch, metrics)
+        if should_stop():
+            cancelled.append(True)
+            return True
+        return False
+
     try:
-        result = fit(config, data, on_epoch=on_epoch)
+        result = fit(config, data, on_epoch=on_epoch,
+                     on_examples=report if by_examples else None)
     except BaseException as exc:
         trial.set_user_attr(ATTR_STOP_REASON, FAILED)
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
@@ -368,6 +392,8 @@ def run_trial(
         "epoch_seconds": round(elapsed / max(result.stopped_epoch, 1), 5),
         "best_value": _finite_or_none(result.best_value),
         "curves": _curves(result.history),
+        "examples_seen": result.examples_seen,
+        "epochs_trained": round(result.examples_seen / n_train, 4),
     }
     for key, value in result.test_metrics.items():
         attrs[f"test_{key}"] = _finite_or_none(value)
@@ -385,8 +411,11 @@ def run_trial(
                 "audit_best_epoch": attrs[ATTR_BEST_EPOCH],
                 "audit_trained_epochs": result.stopped_epoch,
                 "audit_stop_reason": result.stop_reason,
-                ATTR_STOPPED_EPOCH: pruned_at[0],
-                ATTR_BEST_EPOCH: _best_epoch(frozen, spec.direction),
+                ATTR_STOPPED_EPOCH: _epoch_of(pruned_at[0], by_examples, n_train),
+                ATTR_BEST_EPOCH: _epoch_of(_best_epoch(frozen, spec.direction), by_examples,
+                                           n_train),
+                "epochs_trained": round(_epoch_of(pruned_at[0], by_examples, n_train, exact=True),
+                                        4),
             })
             for key in [k for k in attrs if k.startswith("test_")]:
                 attrs[f"audit_{key}"] = attrs.pop(key)
@@ -420,6 +449,14 @@ def _audit_draw(spec: JobSpec, number: int) -> bool:
     if spec.audit_fraction <= 0:
         return False
     return random.Random(f"{spec.seed}:{number}").random() < spec.audit_fraction
+
+
+def _epoch_of(step: int | None, by_examples: bool, n_train: int, exact: bool = False
+              ) -> float | None:
+    """The epoch a pruner step falls in (the step itself when steps are epochs)."""
+    if step is None or not by_examples:
+        return step
+    return step / n_train if exact else math.ceil(step / n_train)
 
 
 def _best_epoch(trial: FrozenTrial, direction: str) -> int | None:

@@ -85,6 +85,10 @@ class TrainConfig:
     warmup_epochs: float = 0
     # Upper bound on training epochs, >= 1.
     max_epochs: int = 30
+    # Also evaluate the validation split every this many training examples (counted across
+    # epochs; at the first batch boundary at or past each multiple) and pass the metrics to
+    # fit's on_examples callback; None: only at the end of each epoch.
+    eval_every_examples: int | None = None
     # Stop after this many epochs without improvement of `monitor`; None disables.
     patience: int | None = None
     # An epoch improves only if it beats the best value by more than this (>= 0).
@@ -136,6 +140,12 @@ class TrainConfig:
         _positive("final_div_factor", self.final_div_factor)
         if not (_is_int(self.max_epochs) and self.max_epochs >= 1):
             raise ValueError(f"max_epochs must be an int >= 1, got {self.max_epochs!r}")
+        if self.eval_every_examples is not None and not (
+            _is_int(self.eval_every_examples) and self.eval_every_examples >= 1
+        ):
+            raise ValueError(
+                f"eval_every_examples must be None or an int >= 1, got {self.eval_every_examples!r}"
+            )
         if self.patience is not None and not (_is_int(self.patience) and self.patience >= 1):
             raise ValueError(f"patience must be None or an int >= 1, got {self.patience!r}")
         if not isinstance(self.monitor, str) or not self.monitor.startswith("val_"):

@@ -31,6 +31,7 @@ _U64_MAX = (1 << 64) - 1
 STOP_REASONS = ("max_epochs", "early_stopped", "pruned", "diverged")
 
 EpochCallback = Callable[[int, dict[str, float]], Any]
+ExamplesCallback = Callable[[int, dict[str, float]], Any]
 
 
 @dataclass
@@ -41,9 +42,10 @@ class TrainResult:
     best_epoch: int | None  # 1-based; None only if the first epoch diverged
     best_value: float | None  # value of config.monitor at best_epoch
     stop_reason: str  # one of STOP_REASONS
-    stopped_epoch: int  # last epoch trained == len(history)
+    stopped_epoch: int  # last epoch trained (a partial one counts) == len(history)
     test_metrics: dict[str, float]  # of the weights kept at the end (best ones by default)
     diverged_loss: float | None = None  # the offending batch loss when stop_reason == "diverged"
+    examples_seen: int = 0  # training examples the optimizer stepped on, over all epochs
     monitor: str = "val_loss"
     seconds: float = 0.0  # wall time of the whole fit
     network: MLP | None = field(default=None, repr=False)  # trained model, best weights loaded
@@ -58,6 +60,7 @@ class TrainResult:
             "stopped_epoch": self.stopped_epoch,
             "test_metrics": self.test_metrics,
             "diverged_loss": self.diverged_loss,
+            "examples_seen": self.examples_seen,
             "monitor": self.monitor,
             "seconds": self.seconds,
         }
@@ -106,15 +109,31 @@ def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
     return math.ceil(n_train / batch)
 
 
-def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = None) -> TrainResult:
+def fit(
+    config: TrainConfig,
+    data: Dataset,
+    on_epoch: EpochCallback | None = None,
+    on_examples: ExamplesCallback | None = None,
+) -> TrainResult:
     """Train a fresh network on data.X_train, monitoring the validation split.
 
     After each finished epoch: compute the metrics, update the best epoch (it must beat the
     best by more than min_delta), then call on_epoch(epoch, metrics); a truthy return stops
     with "pruned", otherwise `patience` epochs without improvement stop with
-    "early_stopped". A non-finite or exploding batch loss (see DIVERGENCE_FACTOR) stops at
-    once with "diverged"; that epoch is recorded with the offending loss as train_loss and
-    NaN validation metrics. A non-finite validation loss after an epoch also stops with
+    "early_stopped".
+
+    With config.eval_every_examples = k, the validation metrics are also computed each time
+    the examples trained on (counted across epochs) pass a multiple m of k, at the first
+    batch boundary at or past it, and on_examples(m, metrics) is called (once for each mark
+    that one batch passes, with the same metrics): the same marks for any batch size, so
+    callers can compare runs at equal compute. metrics carry "examples" (the exact count)
+    and the val_* entries. A truthy return stops with "pruned" at once; the partial epoch is
+    then the last history row. When m falls on an epoch's last batch, the epoch's own
+    evaluation is used (before on_epoch).
+
+    A non-finite or exploding batch loss (see DIVERGENCE_FACTOR) stops at once with
+    "diverged"; that epoch is recorded with the offending loss as train_loss and NaN
+    validation metrics. A non-finite validation loss after an epoch also stops with
     "diverged". on_epoch is not called for a diverged epoch. At the end the best weights are
     restored (restore_best) and test_metrics computed with them.
 
@@ -168,6 +187,9 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
     diverged_loss: float | None = None
     loss_bound: float | None = None
     step = 0
+    seen = 0  # training examples stepped on so far
+    every = config.eval_every_examples
+    next_mark = every  # the next multiple of `every` to evaluate at; None: never
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
         for epoch in range(1, config.max_epochs + 1):
@@ -179,6 +201,8 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
             lr = config.learning_rate
             bad_loss: float | None = None
             masks: list[np.ndarray] | None = None
+            marks: list[int] = []  # multiples of `every` passed, not yet reported
+            mid: dict[str, float] | None = None  # metrics of a mid-epoch stop
             for block_start in range(0, n, block_rows):
                 block_end = min(n, block_start + block_rows)
                 if config.input_noise:
@@ -207,9 +231,21 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
                             net.grad *= clip / norm
                     optimizer.step(params, grads)
                     step += 1
-                if bad_loss is not None:
+                    seen += e - s
+                    if next_mark is not None and seen >= next_mark:
+                        marks = list(range(next_mark, seen + 1, every))
+                        next_mark = marks[-1] + every
+                        if e == n:
+                            break  # the epoch's own evaluation serves these marks
+                        val = _val_metrics(net, X_val, data.y_val, classification)
+                        if _report(on_examples, marks, seen, val):
+                            mid = val
+                            break
+                        marks = []
+                if bad_loss is not None or mid is not None:
                     break
             train_seconds = time.perf_counter() - t0
+            rows_done = seen - (epoch - 1) * n
 
             if bad_loss is not None:
                 nan = float("nan")
@@ -225,27 +261,27 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
                 stop_reason, diverged_loss = "diverged", bad_loss
                 break
 
-            val = net.evaluate(X_val, data.y_val, augmented=True)
-            row = {"epoch": epoch, "train_loss": loss_sum / n}
+            val = mid if mid is not None else _val_metrics(net, X_val, data.y_val, classification)
+            row = {"epoch": epoch, "train_loss": loss_sum / rows_done}
             if classification:
-                row["train_accuracy"] = net.count_correct(record, y_epoch) / n
-                row["val_loss"] = val["loss"]
-                row["val_accuracy"] = val["accuracy"]
+                row["train_accuracy"] = (
+                    net.count_correct(record[:rows_done], y_epoch[:rows_done]) / rows_done
+                )
             else:
-                mse = loss_sum / n
+                mse = loss_sum / rows_done
                 var = float(np.var(y_train, dtype=np.float64))
                 row["train_rmse"] = math.sqrt(mse)
                 row["train_r2"] = 1.0 - mse / var if var > 0 else float("nan")
-                row["val_loss"] = val["loss"]
-                row["val_rmse"] = val["rmse"]
-                row["val_r2"] = val["r2"]
+            row.update(val)
+            if rows_done < n:
+                row["examples"] = rows_done  # a partial (mid-epoch stopped) epoch
             row["lr"] = lr
             row["train_seconds"] = train_seconds
             row["seconds"] = time.perf_counter() - t0
             history.append(row)
-            if not math.isfinite(val["loss"]):
+            if not math.isfinite(val["val_loss"]):
                 # The epoch's last update broke the weights: the next batch would diverge.
-                stop_reason, diverged_loss = "diverged", val["loss"]
+                stop_reason, diverged_loss = "diverged", val["val_loss"]
                 break
 
             value = row[config.monitor]
@@ -254,6 +290,12 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
                 np.copyto(best_params, net.params)
             else:
                 since_best += 1
+            if mid is not None:
+                stop_reason = "pruned"
+                break
+            if marks and _report(on_examples, marks, seen, val):
+                stop_reason = "pruned"
+                break
             if on_epoch is not None and on_epoch(epoch, dict(row)):
                 stop_reason = "pruned"
                 break
@@ -277,10 +319,28 @@ def fit(config: TrainConfig, data: Dataset, on_epoch: EpochCallback | None = Non
         stopped_epoch=len(history),
         test_metrics=test_metrics,
         diverged_loss=diverged_loss,
+        examples_seen=seen,
         monitor=config.monitor,
         seconds=time.perf_counter() - started,
         network=net,
     )
+
+
+def _report(on_examples: ExamplesCallback | None, marks: list[int], seen: int,
+            val: dict[str, float]) -> bool:
+    """Call on_examples for each mark (all evaluated at `seen` examples); True to stop."""
+    if on_examples is None:
+        return False
+    return any(on_examples(m, {"examples": seen, **val}) for m in marks)
+
+
+def _val_metrics(net: MLP, X_val: np.ndarray, y_val: np.ndarray, classification: bool
+                 ) -> dict[str, float]:
+    """The validation metrics of a history row: val_loss and val_accuracy, or val_rmse/r2."""
+    val = net.evaluate(X_val, y_val, augmented=True)
+    if classification:
+        return {"val_loss": val["loss"], "val_accuracy": val["accuracy"]}
+    return {"val_loss": val["loss"], "val_rmse": val["rmse"], "val_r2": val["r2"]}
 
 
 class _Dropout:

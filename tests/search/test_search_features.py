@@ -76,10 +76,59 @@ def test_pruners_are_built_from_the_spec():
     ({"name": "median", "wrapped": {"name": "median"}}, "only the patient"),
     ({"name": "patient", "wrapped": {"name": "patient"}}, "cannot wrap"),
     ({"name": "percentile", "percentile": 100}, "less than 100"),
+    ({"name": "median", "report_every": 100}, 'needs resource "examples"'),
+    ({"name": "patient", "wrapped": {"name": "median", "resource": "examples"}},
+     "outer"),
+    ({"name": "median", "resource": "steps"}, "resource"),
 ])
 def test_bad_pruner_settings_are_rejected(pruner, msg):
     with pytest.raises(ValidationError, match=msg):
         _spec(pruner=pruner)
+
+
+def test_rungs_in_examples_put_batch_sizes_on_equal_compute(storage):
+    # Batch sizes 16 and 256 report at the same examples counts (multiples of 200 within one
+    # batch), so successive halving compares them at equal compute, and it prunes within an
+    # epoch (digits has 1259 training rows).
+    spec = _spec(n_trials=8, max_epochs=2,
+                 search_space={"batch_size": {"choices": [16, 256]}},
+                 pruner={"name": "successive_halving", "resource": "examples",
+                         "report_every": 200, "min_resource": 200, "reduction_factor": 3})
+    study = _run(storage, spec)
+    trials = study.get_trials()
+    n_train = len(bundled("digits", 0).X_train)
+    assert {t.params["batch_size"] for t in trials} == {16, 256}
+    for t in trials:
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(200, steps[-1] + 1, 200)), steps
+        seen = t.user_attrs["examples_seen"]
+        if t.state == TrialState.PRUNED:  # stopped at the first batch boundary past a mark
+            assert steps[-1] <= seen < steps[-1] + t.params["batch_size"]
+        assert t.user_attrs["epochs_trained"] == pytest.approx(seen / n_train, abs=1e-4)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done and all(t.user_attrs["examples_seen"] == 2 * n_train for t in done)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "successive halving pruned nothing in 8 trials"
+    # Rungs at 200, 600, 1800 examples: a trial is only ever pruned at one of them, and some
+    # within the first epoch.
+    assert {t.user_attrs["prune_step"] for t in pruned} <= {200, 600, 1800}
+    assert any(t.user_attrs["examples_seen"] < n_train for t in pruned)
+    assert all(t.user_attrs["stopped_epoch"] == (1 if t.user_attrs["examples_seen"] <= n_train
+                                                 else 2) for t in pruned)
+
+
+def test_hyperband_in_examples_sizes_its_brackets_by_the_dataset(storage):
+    spec = _spec(n_trials=3, max_epochs=3,
+                 pruner={"name": "hyperband", "resource": "examples", "min_resource": 100})
+    create_study(spec, storage, "hb", {"job_id": 1})
+    data = bundled("digits", 0)
+    study = load_study(spec, storage, "hb")
+    run_trial(study, spec, data)
+    n_train = len(data.X_train)
+    assert study.pruner._max_resource == 3 * n_train
+    # Reported once per epoch, at examples = epochs x training rows.
+    (t,) = study.get_trials()
+    assert sorted(t.intermediate_values) == [n_train, 2 * n_train, 3 * n_train]
 
 
 def test_threshold_pruner_records_its_cutoff(storage):

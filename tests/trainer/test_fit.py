@@ -175,6 +175,69 @@ def test_on_epoch_callback_prunes(digits):
     assert seen[1][1] == result.history[1]
 
 
+@pytest.mark.parametrize("batch_size", [16, 100, 512])
+def test_on_examples_reports_at_the_same_marks_for_any_batch_size(digits, batch_size):
+    n = len(digits.X_train)
+    every = 300
+    calls = []
+
+    def callback(mark, metrics):
+        calls.append((mark, dict(metrics)))
+
+    cfg = TrainConfig(hidden_layers=(32,), batch_size=batch_size, max_epochs=3,
+                      eval_every_examples=every)
+    result = fit(cfg, digits, on_examples=callback)
+    marks = [m for m, _ in calls]
+    # Every multiple of 300 up to 3 epochs' examples, once each, whatever the batch size
+    # (a batch of 512 may pass two marks at once: both are reported).
+    assert marks == list(range(every, 3 * n + 1, every))
+    for mark, metrics in calls:
+        # Evaluated at the first batch boundary at or past the mark.
+        assert mark <= metrics["examples"] < mark + batch_size
+        assert set(metrics) == {"examples", "val_loss", "val_accuracy"}
+        assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert result.examples_seen == 3 * n
+    assert result.stop_reason == "max_epochs"
+    # The metrics are of the weights at that moment: they change as training goes on.
+    assert calls[0][1]["val_loss"] > calls[-1][1]["val_loss"]
+
+
+def test_on_examples_at_an_epoch_end_reuses_the_epochs_evaluation(digits):
+    n = len(digits.X_train)
+    calls = []
+    cfg = TrainConfig(hidden_layers=(16,), batch_size=n, max_epochs=2, eval_every_examples=n)
+    result = fit(cfg, digits, on_examples=lambda m, metrics: calls.append((m, metrics)))
+    assert [m for m, _ in calls] == [n, 2 * n]
+    for (_, metrics), row in zip(calls, result.history, strict=True):
+        assert metrics["val_loss"] == row["val_loss"]
+        assert metrics["val_accuracy"] == row["val_accuracy"]
+
+
+def test_on_examples_stops_mid_epoch(digits):
+    n = len(digits.X_train)
+    cfg = TrainConfig(hidden_layers=(32,), batch_size=32, max_epochs=5, eval_every_examples=200)
+    marks = []
+
+    def callback(mark, metrics):
+        marks.append(mark)
+        return mark >= n + 200  # a mark inside the second epoch
+
+    result = fit(cfg, digits, on_examples=callback)
+    assert result.stop_reason == "pruned"
+    assert result.stopped_epoch == 2
+    stop_mark = -(-(n + 200) // 200) * 200  # the first multiple of 200 from n + 200 on
+    assert marks[-1] == stop_mark
+    assert stop_mark <= result.examples_seen < stop_mark + 32
+    last = result.history[-1]
+    assert last["examples"] == result.examples_seen - n < n  # the partial epoch's rows
+    assert set(CLASSIFICATION_KEYS) <= set(last)
+
+
+def test_eval_every_examples_is_validated():
+    with pytest.raises(ValueError, match="eval_every_examples"):
+        TrainConfig(eval_every_examples=0)
+
+
 def test_same_seed_gives_identical_history(digits):
     cfg = TrainConfig(
         hidden_layers=(64, 32),
