@@ -24,10 +24,9 @@ sampler's random stream is independent per strategy (R samples with seed ``s + 1
 
 Per run: best validation accuracy, test accuracy of the best trial, epochs trained (sum of the
 trials' ``stopped_epoch``), wall time (job ``started_at`` to ``finished_at``), and epochs to
-target: trials ordered by ``datetime_complete``, their stopped epochs accumulated up to and
-including the first trial whose value reaches the target; the target is, per dataset, the
-median over seeds of R's best validation accuracy minus 0.5 percentage points (``inf`` if never
-reached).
+target: the epochs all trials had trained when the job first held a model at the target (see
+``epochs_to_target``); the target is, per dataset, the median over seeds of R's best
+validation accuracy minus 0.5 percentage points (``inf`` if never reached).
 
 Usage:
     python benchmarks/search_efficiency.py                       # 2 datasets x 10 seeds x R O D
@@ -144,6 +143,8 @@ def effective_settings(spec: dict[str, Any]) -> dict[str, Any]:
     elif s.pruner.name in ("median", "percentile"):
         pruner.update(n_startup_trials=s.pruner.n_startup_trials,
                       n_warmup_steps=s.pruner.n_warmup_steps)
+    if s.pruner.resource != "epochs":
+        pruner.update(resource=s.pruner.resource, report_every=s.pruner.report_every)
     sampler = {"name": s.sampler.name}
     if s.sampler.name != "random":
         sampler["n_startup_trials"] = s.sampler.n_startup_trials
@@ -275,28 +276,57 @@ def best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     return done[0]
 
 
-def epochs_of(trial: dict[str, Any]) -> int:
-    """Epochs a trial trained (0 for one that never reported an epoch)."""
-    return int(trial.get("stopped_epoch") or 0)
+def epochs_of(trial: dict[str, Any]) -> float:
+    """Epochs a trial trained: fractional when a pruner counting examples stopped it
+    mid-epoch; 0 for one that never reported an epoch."""
+    exact = (trial.get("details") or {}).get("epochs_trained", trial.get("epochs_trained"))
+    return float(exact) if exact is not None else float(trial.get("stopped_epoch") or 0)
+
+
+def _first_reach(trial: dict[str, Any], target: float) -> float | None:
+    """The fraction of its run a COMPLETE trial had trained when its metric first reached
+    `target` (its intermediate values, in epochs or examples), or None if it never did."""
+    if trial["state"] != "COMPLETE" or trial["value"] is None or trial["value"] < target:
+        return None
+    steps = sorted((float(k), v) for k, v in trial["intermediate_values"].items())
+    last = steps[-1][0] if steps else 0.0
+    for step, value in steps:
+        if value is not None and value >= target:
+            return step / last if last else 1.0
+    return 1.0
 
 
 def epochs_to_target(trials: list[dict[str, Any]], target: float | None) -> float | None:
-    """Epochs trained up to the first finished trial whose value reaches `target`.
+    """Epochs trained, over all trials, until the job first held a model at the target.
 
-    Trials are taken in the order they finished; every finished trial's epochs count (pruned
-    ones included), up to and including the first COMPLETE trial with value >= target.
-    ``inf`` if no trial reaches it, None without a target.
+    A COMPLETE trial reaches the target at the first report of a metric >= target (its best
+    weights are kept, so the job's best is at least that good from then on); that moment is
+    placed in time by spreading the trial's epochs evenly over its run (datetime_start to
+    datetime_complete). The epochs every trial (pruned ones included) had trained by the
+    earliest such moment, pro rata for trials running then, are summed: with parallel
+    workers this counts what the other worker spent meanwhile. ``inf`` if no trial reaches
+    the target, None without a target.
     """
     if target is None:
         return None
-    finished = [t for t in trials if t["datetime_complete"]]
-    finished.sort(key=lambda t: (t["datetime_complete"], t["number"]))
-    spent = 0
-    for t in finished:
-        spent += epochs_of(t)
-        if t["state"] == "COMPLETE" and t["value"] is not None and t["value"] >= target:
-            return float(spent)
-    return math.inf
+    runs = []
+    for t in trials:
+        if t["datetime_start"] and t["datetime_complete"]:
+            t0 = _time(t["datetime_start"]).timestamp()
+            t1 = _time(t["datetime_complete"]).timestamp()
+            runs.append((t, t0, max(t1, t0)))
+    reach = [t0 + f * (t1 - t0) for t, t0, t1 in runs
+             if (f := _first_reach(t, target)) is not None]
+    if not reach:
+        return math.inf
+    when = min(reach)
+    spent = 0.0
+    for t, t0, t1 in runs:
+        if when >= t1:
+            spent += epochs_of(t)
+        elif when > t0:
+            spent += epochs_of(t) * (when - t0) / (t1 - t0)
+    return round(spent, 2)
 
 
 def measure(job: dict[str, Any], trials: list[dict[str, Any]], client_s: float
@@ -313,7 +343,7 @@ def measure(job: dict[str, Any], trials: list[dict[str, Any]], client_s: float
         "best_val": best["value"] if best else None,
         "test_acc": (best["details"].get("test_accuracy") if best else None),
         "best_trial": best["number"] if best else None,
-        "total_epochs": sum(epochs_of(t) for t in trials),
+        "total_epochs": round(sum(epochs_of(t) for t in trials), 2),
         "wall_s": round(wall, 2),
         "client_s": round(client_s, 2),
         "started_at": job.get("started_at"),
@@ -322,6 +352,9 @@ def measure(job: dict[str, Any], trials: list[dict[str, Any]], client_s: float
         # Kept so that the epochs to a target can be recomputed for any target later.
         "trials": [{"number": t["number"], "state": t["state"], "value": t["value"],
                     "stopped_epoch": t["stopped_epoch"],
+                    "epochs_trained": t["details"].get("epochs_trained"),
+                    "intermediate_values": t["intermediate_values"],
+                    "datetime_start": t["datetime_start"],
                     "datetime_complete": t["datetime_complete"]} for t in trials],
     }
 
@@ -445,10 +478,13 @@ def report(runs: list[dict[str, Any]], command: str, n_trials: int, max_epochs: 
         "",
         f"Each run is one job through the real service (`hptune serve --workers 2`, SQLite): "
         f"{n_trials} trials of at most {max_epochs} epochs, MLP [128, 64] relu adam, DESIGN.md's "
-        "search space. Medians over seeds. `total epochs` sums the trials' `stopped_epoch`; "
-        "`epochs to target` accumulates the stopped epochs of the trials in the order they "
-        "finished until one reaches the target (median of R's best val acc - 0.5 pp; "
-        "`inf` if never; in brackets how many seeds reached it). `wall s` is the job's "
+        "search space. Medians over seeds. `total epochs` sums the epochs the trials trained "
+        "(fractional where a pruner counting examples stopped one mid-epoch); `epochs to "
+        "target` sums the epochs all trials had trained when the job first held a model at "
+        "the target: the first report of a COMPLETE trial at or above it, placed in time by "
+        "spreading that trial's epochs evenly over its run, with trials running at that "
+        "moment counted pro rata (target: median of R's best val acc - 0.5 pp; `inf` if "
+        "never; in brackets how many seeds reached it). `wall s` is the job's "
         "`started_at` to `finished_at` on this machine, which other work shared.",
         "",
         "Targets: " + ", ".join(f"{ds} {t:.4f}" for ds, t in targets.items()),
@@ -470,6 +506,21 @@ def report(runs: list[dict[str, Any]], command: str, n_trials: int, max_epochs: 
         met = sum(ok for _, ok, _ in checks)
         parts += [f"Targets of issue 7 for {strat} ({title}): {met}/{len(checks)} met", ""]
         parts += [f"- [{'x' if ok else ' '}] {name}: {nums}" for name, ok, nums in checks]
+        parts.append("")
+    audited = [r for r in runs if r.get("audit")]
+    if audited:
+        parts += ["Pruning audit (a share of the would-be-pruned trials trained on to the end "
+                  "in secret; a false prune is one that would have beaten the best kept "
+                  "trial):", "",
+                  "| dataset | strategy | seed | audited | false prunes (rungs) | "
+                  "beat the median kept | regret (pp) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in audited:
+            a = r["audit"]
+            regret = a["regret"] * 100 if a["regret"] is not None else None
+            parts.append(f"| {r['dataset']} | {r['strategy']} | {r['seed']} | "
+                         f"{a['n_audited']} | {a['false_prunes']} {a['false_prune_rungs']} | "
+                         f"{a['beat_median_kept']} | {_num(regret, '.2f')} |")
         parts.append("")
     parts += ["<details><summary>Every run</summary>", "", runs_table(runs, targets), "",
               "</details>", ""]
@@ -562,10 +613,18 @@ def main(argv: list[str] | None = None) -> int:
                         run = {"dataset": dataset, "strategy": strategy, "seed": seed,
                                "spec": spec, "settings": effective_settings(spec),
                                **measure(job, trials, client_s)}
+                        if spec.get("audit_fraction"):
+                            report_ = service.http.get(
+                                f"/api/v1/jobs/{job['id']}/report").json()
+                            audit = report_.get("pruning_audit") or {}
+                            run["audit"] = {k: audit.get(k) for k in (
+                                "n_audited", "false_prunes", "false_prune_rungs",
+                                "beat_median_kept", "regret", "audit_epochs")}
+                            print(f"  pruning audit: {run['audit']}", flush=True)
                         runs.append(run)
                         print(f"{dataset:8s} {strategy:6s} seed {seed}: best val "
                               f"{_num(run['best_val'], '.4f')} test "
-                              f"{_num(run['test_acc'], '.4f')} epochs {run['total_epochs']:5d} "
+                              f"{_num(run['test_acc'], '.4f')} epochs {run['total_epochs']:7.1f} "
                               f"wall {run['wall_s']:6.1f} s  {run['stop_reasons']}",
                               flush=True)
                         if args.save:  # after every run, so a long benchmark can be resumed

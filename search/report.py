@@ -72,6 +72,17 @@ def trial_to_dict(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
+def epochs_trained(row: dict[str, Any]) -> float:
+    """Epochs a trial (as trial_to_dict shows it) trained; fractional if pruned mid-epoch."""
+    exact = row["details"].get("epochs_trained")
+    return float(exact) if exact is not None else float(row["stopped_epoch"] or 0)
+
+
+def _tidy(epochs: float) -> float | int:
+    """Whole epochs as an int, partial ones to two decimals."""
+    return int(epochs) if float(epochs).is_integer() else round(epochs, 2)
+
+
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     """Trials by state, under the names the job JSON uses."""
     out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0}
@@ -145,7 +156,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
     full_seconds = 0.0
     for r in rows:
         epoch_s = float(r["details"].get("epoch_seconds") or 0.0)
-        trained = int(r["stopped_epoch"] or 0)
+        trained = epochs_trained(r)
         total_epochs += trained
         if r["state"] in ("COMPLETE", "PRUNED"):
             full_seconds += epoch_s * spec.max_epochs
@@ -178,6 +189,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
     saved["full_budget_epochs"] = full_epochs
     saved["full_budget_seconds"] = round(full_seconds, 3)
     for kind in ("pruned", "early_stopped"):
+        saved[f"{kind}_epochs"] = _tidy(saved[f"{kind}_epochs"])
         saved[f"{kind}_seconds"] = round(saved[f"{kind}_seconds"], 3)
         saved[f"{kind}_epochs_share"] = (
             round(saved[f"{kind}_epochs"] / full_epochs, 4) if full_epochs else 0.0)
@@ -194,7 +206,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
         "counts": counts(trials),
         "best_trial": best,
         "wall_seconds": wall,
-        "total_epochs": total_epochs,
+        "total_epochs": _tidy(total_epochs),
         "compute_saved": saved,
         "stopped_trials": stopped,
         "pruning_audit": audit,
@@ -230,6 +242,8 @@ def pruning_audit(rows: list[dict[str, Any]], maximize: bool) -> dict[str, Any] 
             "cutoff": d.get("prune_cutoff"),
             "final_value": final,
             "trained_epochs": d.get("audit_trained_epochs"),
+            # Where the pruner would have stopped it, in epochs (prune_step may be examples).
+            "pruned_epochs": d.get("epochs_trained", d.get("prune_step")),
             "share_of_kept_beaten": round(beaten / len(kept), 4) if kept else None,
             "false_prune": bool(final is not None and best_kept is not None
                                 and better(final, best_kept)),
@@ -252,6 +266,7 @@ def pruning_audit(rows: list[dict[str, Any]], maximize: bool) -> dict[str, Any] 
         "best_kept_value": best_kept,
         "best_audited_value": best_audited,
         "regret": regret,
-        "audit_epochs": sum((i["trained_epochs"] or 0) - (i["prune_step"] or 0) for i in items),
+        "audit_epochs": _tidy(sum((i["trained_epochs"] or 0) - (i["pruned_epochs"] or 0)
+                                  for i in items)),
         "trials": items,
     }

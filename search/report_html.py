@@ -174,7 +174,7 @@ def _saved(s: dict[str, Any], spec: dict[str, Any]) -> str:
     total_seconds = 0.0
     for kind, label in (("pruned", "pruning (incl. diverged)"),
                         ("early_stopped", "early stopping")):
-        epochs = int(s.get(f"{kind}_epochs") or 0)
+        epochs = s.get(f"{kind}_epochs") or 0
         seconds = float(s.get(f"{kind}_seconds") or 0.0)
         total_epochs += epochs
         total_seconds += seconds
@@ -182,7 +182,7 @@ def _saved(s: dict[str, Any], spec: dict[str, Any]) -> str:
                      _pct(s.get(f"{kind}_seconds_share"))))
     budget_e = s.get("full_budget_epochs") or 0
     budget_s = s.get("full_budget_seconds") or 0.0
-    rows.append(("<strong>together</strong>", total_epochs,
+    rows.append(("<strong>together</strong>", round(total_epochs, 2),
                  _pct(total_epochs / budget_e if budget_e else 0.0), _duration(total_seconds),
                  _pct(total_seconds / budget_s if budget_s else 0.0)))
     head = ("<tr><th>saved by</th><th class=\"num\">epochs</th><th class=\"num\">share</th>"

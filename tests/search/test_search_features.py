@@ -115,6 +115,34 @@ def test_rungs_in_examples_put_batch_sizes_on_equal_compute(storage):
     assert any(t.user_attrs["examples_seen"] < n_train for t in pruned)
     assert all(t.user_attrs["stopped_epoch"] == (1 if t.user_attrs["examples_seen"] <= n_train
                                                  else 2) for t in pruned)
+    # The report counts the partial epochs, not whole ones.
+    report = build_report(study, spec, {"id": 1})
+    exact = sum(t.user_attrs["examples_seen"] for t in trials) / n_train
+    assert report["total_epochs"] == pytest.approx(exact, abs=0.01)
+    assert report["total_epochs"] < sum(t.user_attrs["stopped_epoch"] for t in trials)
+    assert report["compute_saved"]["pruned_epochs"] == pytest.approx(
+        sum(2 - t.user_attrs["examples_seen"] / n_train for t in pruned), abs=0.01)
+
+
+def test_pruning_audit_in_examples_counts_epochs(storage):
+    spec = _spec(n_trials=6, max_epochs=2, audit_fraction=1.0,
+                 search_space={"learning_rate": {"low": 1e-5, "high": 0.3, "log": True},
+                               "batch_size": {"choices": [64]}},
+                 pruner={"name": "successive_halving", "resource": "examples",
+                         "report_every": 300, "min_resource": 300, "reduction_factor": 2})
+    study = _run(storage, spec)
+    n_train = len(bundled("digits", 0).X_train)
+    audited = [t for t in study.get_trials() if t.user_attrs.get("audited")]
+    assert audited
+    for t in audited:
+        step = t.user_attrs["prune_step"]  # in examples
+        assert step % 300 == 0 and max(t.intermediate_values) == step
+        assert t.user_attrs["epochs_trained"] == pytest.approx(step / n_train, abs=1e-4)
+        assert t.user_attrs["stopped_epoch"] == -(-step // n_train)
+        assert t.user_attrs["audit_trained_epochs"] == 2
+    audit = build_report(study, spec, {"id": 1})["pruning_audit"]
+    assert audit["audit_epochs"] == pytest.approx(
+        sum(2 - t.user_attrs["epochs_trained"] for t in audited), abs=0.01)
 
 
 def test_hyperband_in_examples_sizes_its_brackets_by_the_dataset(storage):
