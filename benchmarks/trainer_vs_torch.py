@@ -63,6 +63,47 @@ def gemm_rates(n: int = 2048, repeats: int = 3) -> list[float]:
     return rates
 
 
+def shape_gemms(n_in: int, n_rows: int, batch: int, repeats: int = 5) -> float:
+    """Seconds of one epoch's matrix products alone, at the shapes a training step has.
+
+    Per step: the forward product of each layer, and backward the weight-gradient product of
+    each layer plus the input-gradient product of every layer above the first, in the
+    feature-major layout the trainer uses (bias folded in as a row of ones). Median of
+    `repeats` epochs. Against the floor it shows how far these shapes (a 41-row input layer,
+    a 10-row output layer) keep BLAS from its 2048^3 rate; against ours, what the trainer
+    spends besides the products.
+    """
+    rng = np.random.default_rng(0)
+    sizes = (n_in, *HIDDEN, 10)
+    ws = [rng.standard_normal((o, i + 1), dtype=np.float32) for i, o in itertools.pairwise(sizes)]
+    steps = [min(batch, n_rows - s) for s in range(0, n_rows, batch)]
+    bufs = {}
+    for n in set(steps):
+        hs = [rng.standard_normal((i + 1, n), dtype=np.float32) for i in sizes[:-1]]
+        zs = [np.empty((o, n), np.float32) for o in sizes[1:]]
+        ds = [np.empty((i, n), np.float32) for i in sizes[1:-1]]
+        gs = [np.empty((i + 1, o), np.float32) for i, o in itertools.pairwise(sizes)]
+        bufs[n] = (hs, zs, ds, gs)
+
+    def epoch() -> None:
+        for n in steps:
+            hs, zs, ds, gs = bufs[n]
+            for w, h, z in zip(ws, hs, zs, strict=True):
+                np.matmul(w, h, out=z)
+            for k in range(len(ws) - 1, -1, -1):
+                np.matmul(hs[k], zs[k].T, out=gs[k])
+                if k:
+                    np.matmul(ws[k][:, :-1].T, zs[k], out=ds[k - 1])
+
+    epoch()
+    times = []
+    for _ in range(repeats):
+        t = CLOCK()
+        epoch()
+        times.append(CLOCK() - t)
+    return statistics.median(times)
+
+
 def ours(data: Dataset, batch: int, epochs: int) -> list[float]:
     """Seconds of each epoch's optimisation pass after the first (fit's train_seconds)."""
     cfg = TrainConfig(
@@ -165,14 +206,15 @@ def main() -> None:
         for batch in args.batch_sizes:
             # Alternate short runs of each side so that load from other processes on the
             # machine hits both alike; medians over all timed epochs.
-            t_ours, t_torch, t_fused = [], [], []
+            t_ours, t_torch, t_fused, t_gemm = [], [], [], []
             for _ in range(args.repeats):
+                t_gemm.append(shape_gemms(data.n_features, n_rows, batch))
                 t_ours += ours(data, batch, args.epochs)
                 if has_torch:
                     t_torch += theirs(data, batch, args.epochs)
                     t_fused += theirs(data, batch, args.epochs, fused=True)
                 rates += gemm_rates(repeats=1)  # the GEMM rate is sampled under the same load
-            rows.append((batch, t_ours, t_torch, t_fused))
+            rows.append((batch, t_ours, t_torch, t_fused, statistics.median(t_gemm)))
         # The floor uses the median GEMM rate sampled between the runs: under load from
         # other processes a best-of rate would compare a quiet moment with median epochs.
         rate = statistics.median(rates)
@@ -183,8 +225,9 @@ def main() -> None:
             f"floor = 6 * rows * params / rate = {floor * 1e3:.2f} ms"
         )
         header = f"{'batch':>6} {'ours ms':>9} {'torch ms':>9} {'fused ms':>9} "
-        print(header + f"{'torch/ours':>11} {'fused/ours':>11} {'ours/floor':>11}")
-        for batch, t_ours, t_torch, t_fused in rows:
+        print(header + f"{'torch/ours':>11} {'fused/ours':>11} {'ours/floor':>11} "
+              f"{'gemms ms':>9} {'gemms/floor':>12} {'ours/gemms':>11}")
+        for batch, t_ours, t_torch, t_fused, t_gemm in rows:
             m_ours = statistics.median(t_ours)
             if t_torch:
                 m_torch, m_fused = statistics.median(t_torch), statistics.median(t_fused)
@@ -192,7 +235,9 @@ def main() -> None:
                 tail += f"{m_fused / m_ours:11.2f}"
             else:
                 tail = f"{'-':>9} {'-':>9} {'-':>11} {'-':>11}"
-            print(f"{batch:>6} {m_ours * 1e3:9.1f} {tail} {m_ours / floor:11.2f}", flush=True)
+            print(f"{batch:>6} {m_ours * 1e3:9.1f} {tail} {m_ours / floor:11.2f} "
+                  f"{t_gemm * 1e3:9.1f} {t_gemm / floor:12.2f} {m_ours / t_gemm:11.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
