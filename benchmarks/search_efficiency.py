@@ -107,13 +107,15 @@ def strategy_spec(strategy: str, dataset: str, seed: int, n_trials: int, max_epo
         spec.update(search_space=copy.deepcopy(SEARCH_SPACE),
                     sampler={"name": "random", "seed": seed + SAMPLER_SEED_OFFSET["R"]},
                     pruner={"name": "none"},
-                    early_stopping={"patience": None})
+                    early_stopping={"patience": None},
+                    warm_start={"center": False})
     elif strategy == "O":
         spec.update(search_space=copy.deepcopy(SEARCH_SPACE),
                     sampler={"name": "tpe", "seed": seed + SAMPLER_SEED_OFFSET["O"],
                              "n_startup_trials": 10},
                     pruner={"name": "hyperband", "min_resource": 1, "reduction_factor": 3},
-                    early_stopping={"patience": None})
+                    early_stopping={"patience": None},
+                    warm_start={"center": False})
     else:  # D and candidates: the common fields, plus the candidate's override (if any)
         spec = deep_merge(spec, overrides.get(strategy, {}))
     return spec
@@ -148,8 +150,13 @@ def effective_settings(spec: dict[str, Any]) -> dict[str, Any]:
     sampler = {"name": s.sampler.name}
     if s.sampler.name != "random":
         sampler["n_startup_trials"] = s.sampler.n_startup_trials
+    w = s.warm_start
+    first = ("center" if w.center and not w.configs and w.from_job is None
+             else f"{len(w.configs)} configs" if w.configs else
+             f"job {w.from_job}" if w.from_job else "sampler")
     return {"sampler": sampler, "pruner": pruner,
-            "early_stopping": s.early_stopping.model_dump(mode="json")}
+            "early_stopping": s.early_stopping.model_dump(mode="json"),
+            "first_trial": first}
 
 
 # --- the service ----------------------------------------------------------------------------

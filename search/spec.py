@@ -197,11 +197,16 @@ class PrunerSpec(_Strict):
 
 
 class WarmStartSpec(_Strict):
-    """Configurations to evaluate first: given here, or the best trials of an earlier job."""
+    """Configurations to evaluate first: given here, or the best trials of an earlier job.
+
+    Without either, the first trial evaluates the centre of the search space (`center`):
+    the geometric middle of log ranges, the middle of linear ones, the middle choice.
+    """
 
     configs: list[dict[str, float]] = Field(default=[], max_length=100)
     from_job: int | None = Field(default=None, ge=1, le=2**31 - 1)
     top_k: int = Field(default=5, ge=1, le=100)
+    center: bool = True
 
     @field_validator("configs")
     @classmethod

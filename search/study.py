@@ -202,7 +202,8 @@ def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
     """Create the job's study with its spec and settings as user attributes.
 
     The spec's warm-start configurations, then `warm_configs` (say, the best trials of an
-    earlier job), are queued so that the first trials evaluate them.
+    earlier job), are queued so that the first trials evaluate them; without any, the centre
+    of the search space is (unless warm_start.center is off).
     """
     study = optuna.create_study(
         storage=storage,
@@ -216,11 +217,30 @@ def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     searched = distributions(spec)
-    for cfg in [*spec.warm_start.configs, *warm_configs]:
+    configs = [*spec.warm_start.configs, *warm_configs]
+    if not configs and spec.warm_start.center:
+        configs = [center_config(spec)]
+    for cfg in configs:
         params = {k: v for k, v in cfg.items() if k in searched}
         if params:
             study.enqueue_trial(params, skip_if_exists=True)
     return study
+
+
+def center_config(spec: JobSpec) -> dict[str, Any]:
+    """The centre of the spec's searched core dimensions: the geometric middle of a log
+    range, the middle of a linear one, the middle choice (the lower of two middles)."""
+    out: dict[str, Any] = {}
+    for name, dist in distributions(spec).items():
+        if isinstance(dist, FloatDistribution):
+            if dist.log:
+                out[name] = math.sqrt(dist.low * dist.high)
+            else:
+                out[name] = (dist.low + dist.high) / 2
+        else:
+            choices = sorted(dist.choices)
+            out[name] = choices[(len(choices) - 1) // 2]
+    return out
 
 
 def load_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,

@@ -22,6 +22,8 @@ DOCUMENTED = {
     "sampler": {"name": "tpe", "n_startup_trials": 8},
     "pruner": {"name": "successive_halving", "min_resource": 1, "reduction_factor": 3},
     "early_stopping": {"patience": None, "min_delta": 0.0},
+    # The first trial evaluates the centre of the search space.
+    "first_trial": "center",
 }
 # Successive halving's rungs (epochs) for the default 30 epochs: min_resource * 3**k.
 DOCUMENTED_RUNGS = [1, 3, 9, 27]
@@ -35,6 +37,8 @@ def _defaults(spec: JobSpec) -> dict:
                    "reduction_factor": spec.pruner.reduction_factor},
         "early_stopping": {"patience": spec.early_stopping.patience,
                            "min_delta": spec.early_stopping.min_delta},
+        "first_trial": ("center" if spec.warm_start.center and not spec.warm_start.configs
+                        and spec.warm_start.from_job is None else "sampler"),
     }
 
 
@@ -88,3 +92,26 @@ def test_the_benchmark_results_measured_these_defaults():
     assert measured == DOCUMENTED, (
         "the defaults changed since benchmarks/search_efficiency.py measured them; "
         "re-run it and update DOCUMENTED")
+
+
+def test_the_first_trial_is_the_centre_of_the_space(tmp_path):
+    from search import create_study
+    from search.study import center_config
+
+    spec = JobSpec.model_validate({"dataset": "digits", "search_space": {
+        "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": {"choices": [256, 16, 64, 32]},
+        "dropout": {"low": 0.1, "high": 0.5},
+        "weight_decay": {"value": 1e-4}}})
+    center = center_config(spec)
+    assert center == {"learning_rate": pytest.approx(1e-3), "batch_size": 32,
+                      "dropout": pytest.approx(0.3)}
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    study = create_study(spec, storage, "c", {})
+    (queued,) = study.get_trials()
+    assert queued.state == optuna.trial.TrialState.WAITING
+    assert queued.system_attrs["fixed_params"] == center
+    # Given warm-start configs (or center off), the centre is not queued.
+    off = spec.model_copy(update={"warm_start": spec.warm_start.model_copy(
+        update={"center": False})})
+    assert create_study(off, storage, "c2", {}).get_trials() == []
