@@ -21,6 +21,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator, PercentFormatter
+from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
 from search.report import stop_reason
@@ -64,6 +65,11 @@ class _Snapshot:
     metric: str
     maximize: bool
     best: FrozenTrial | None
+    # Training examples per epoch where the pruner counts steps in examples, else None.
+    examples_per_epoch: float | None
+    # What the learning curves' x values count: "epoch", or "examples seen" where a study counted
+    # in examples has no finished trial yet to tell how many make an epoch.
+    x_unit: str
 
 
 def render_png(study: optuna.Study, name: str, width_px: int = 1000,
@@ -76,20 +82,22 @@ def render_pngs(study: optuna.Study, names: Iterable[str] = PLOTS, width_px: int
                 height_px: int = 600) -> dict[str, bytes]:
     """Several plots of `study` from one read of its trials, keyed by plot name."""
     names = tuple(names)
-    unknown = [n for n in names if n not in PLOTS]
-    if unknown:
-        raise ValueError(f"unknown plot name(s) {', '.join(map(repr, unknown))}; "
-                         f"choose from {', '.join(PLOTS)}")
-    _check_px("width_px", width_px)
-    _check_px("height_px", height_px)
+    _check(names, width_px, height_px)
     snap = _snapshot(study)
-    return {n: _render(_DRAW[n], snap, width_px, height_px) for n in names}
+    return {n: _png(_figure(_DRAW[n], snap, width_px, height_px)) for n in names}
+
+
+def render_figure(study: optuna.Study, name: str, width_px: int = 1000,
+                  height_px: int = 600) -> Figure:
+    """One plot of `study` as a Matplotlib figure (for notebooks, or to inspect)."""
+    _check((name,), width_px, height_px)
+    return _figure(_DRAW[name], _snapshot(study), width_px, height_px)
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
     """Importance of each searched parameter for the objective, summing to 1, largest first.
 
-    Uses Optuna's default evaluator (PED-ANOVA, deterministic) over the COMPLETE trials. Raises
+    Uses Optuna's PED-ANOVA evaluator (deterministic) over the COMPLETE trials. Raises
     ValueError, with a reason a person can read, when importances cannot say anything: fewer than
     two completed trials, or fewer than two parameters that vary.
     """
@@ -98,6 +106,15 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _check(names: tuple[str, ...], width_px: int, height_px: int) -> None:
+    unknown = [n for n in names if n not in PLOTS]
+    if unknown:
+        raise ValueError(f"unknown plot name(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(PLOTS)}")
+    _check_px("width_px", width_px)
+    _check_px("height_px", height_px)
 
 
 def _check_px(arg: str, value: int) -> None:
@@ -110,17 +127,39 @@ def _check_px(arg: str, value: int) -> None:
 def _snapshot(study: optuna.Study) -> _Snapshot:
     trials = study.get_trials(deepcopy=False)
     spec = study.user_attrs.get("spec")
-    metric = spec.get("metric") if isinstance(spec, dict) else None
+    spec = spec if isinstance(spec, dict) else {}
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     done = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
     best = None
     if done:
         best = (max if maximize else min)(done, key=lambda t: t.value)
-    return _Snapshot(study, trials, metric or "objective value", maximize, best)
+    examples_per_epoch, x_unit = None, "epoch"
+    if (spec.get("pruner") or {}).get("resource") == "examples":
+        examples_per_epoch = _examples_per_epoch(trials)
+        x_unit = "epoch" if examples_per_epoch else "examples seen"
+    return _Snapshot(study, trials, spec.get("metric") or "objective value", maximize, best,
+                     examples_per_epoch, x_unit)
 
 
-def _render(draw: Callable[[Figure, _Snapshot], None], snap: _Snapshot, width_px: int,
-            height_px: int) -> bytes:
+def _examples_per_epoch(trials: list[FrozenTrial]) -> float | None:
+    """The training set's size, from the finished trial that saw the most examples.
+
+    Trials record the examples they saw and the (rounded) epochs that makes; the trial that saw
+    the most gives the closest ratio, and the size is a whole number of rows. Audited trials
+    are left out: their epochs_trained is where the pruner stopped them, not what they saw.
+    """
+    seen = [(t.user_attrs["examples_seen"], t.user_attrs.get("epochs_trained"))
+            for t in trials
+            if t.user_attrs.get("examples_seen") and not t.user_attrs.get("audited")]
+    seen = [(n, e) for n, e in seen if _finite(e) and e > 0]
+    if not seen:
+        return None
+    n, epochs = max(seen)
+    return float(round(n / epochs))
+
+
+def _figure(draw: Callable[[Figure, _Snapshot], None], snap: _Snapshot, width_px: int,
+            height_px: int) -> Figure:
     scale = min(width_px / _BASE_W_PX, height_px / _BASE_H_PX)
     dpi = _BASE_DPI * min(max(scale, 0.4), 4.0)
     # Agg truncates the canvas to whole pixels, and Matplotlib before 3.10 did so without a
@@ -133,6 +172,10 @@ def _render(draw: Callable[[Figure, _Snapshot], None], snap: _Snapshot, width_px
         draw(fig, snap)
     else:
         _message(fig, "no trials yet", "The study has no trials to draw.")
+    return fig
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     # No "Software" chunk: the same study gives the same bytes.
     fig.savefig(buf, format="png", metadata={"Software": None})
@@ -164,10 +207,14 @@ def _reason(t: FrozenTrial) -> str:
     return FAILED if t.state == TrialState.FAIL else PRUNED
 
 
-def _curve(t: FrozenTrial) -> np.ndarray:
-    """The trial's (epoch, monitored value) points with non-finite values dropped."""
+def _curve(t: FrozenTrial, examples_per_epoch: float | None = None) -> np.ndarray:
+    """The trial's (step, monitored value) points with non-finite values dropped; steps in
+    examples become (fractional) epochs where `examples_per_epoch` is given."""
     pts = [(s, v) for s, v in sorted(t.intermediate_values.items()) if _finite(v)]
-    return np.asarray(pts, dtype=float).reshape(-1, 2)
+    pts = np.asarray(pts, dtype=float).reshape(-1, 2)
+    if examples_per_epoch:
+        pts[:, 0] /= examples_per_epoch
+    return pts
 
 
 def _reached(t: FrozenTrial, maximize: bool) -> float | None:
@@ -217,7 +264,7 @@ def _short(v: float) -> str:
 def _learning_curves(fig: Figure, snap: _Snapshot) -> None:
     groups: dict[str, list[np.ndarray]] = {}
     for t in snap.trials:
-        pts = _curve(t)
+        pts = _curve(t, snap.examples_per_epoch)
         if len(pts):
             groups.setdefault(_reason(t), []).append(pts)
     if not groups:
@@ -242,15 +289,15 @@ def _learning_curves(fig: Figure, snap: _Snapshot) -> None:
                        color=colour, s=22, alpha=min(1.0, alpha + 0.2), linewidths=1.2,
                        zorder=3)
     if snap.best is not None:
-        pts = _curve(snap.best)
+        pts = _curve(snap.best, snap.examples_per_epoch)
         if len(pts):
             ax.plot(pts[:, 0], pts[:, 1], color=_BEST_COLOUR, linewidth=3.2, zorder=4,
                     label=f"best: trial #{snap.best.number} ({_short(snap.best.value)})")
     ax.autoscale_view()
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(snap.x_unit)
     ax.set_ylabel(snap.metric)
-    fig.suptitle(f"Learning curves: {snap.metric} per epoch of {n} trials")
+    fig.suptitle(f"Learning curves: {snap.metric} of {n} trials")
     ax.grid(alpha=0.3)
     _legend(fig, title="trial outcome")
 
@@ -319,7 +366,8 @@ def _importances(study: optuna.Study, completed: list[FrozenTrial]) -> dict[str,
                          f"this study searches {len(varying)}{only}")
     order = {p: i for i, p in enumerate(CORE_PARAMS)}
     varying.sort(key=lambda p: (order.get(p, len(order)), p))
-    return optuna.importance.get_param_importances(study, params=varying)
+    return optuna.importance.get_param_importances(
+        study, evaluator=PedAnovaImportanceEvaluator(), params=varying)
 
 
 def _importances_plot(fig: Figure, snap: _Snapshot) -> None:

@@ -49,13 +49,26 @@ def stop_reason(trial: FrozenTrial) -> str | None:
     return None
 
 
-def trial_to_dict(trial: FrozenTrial) -> dict[str, Any]:
-    """A trial as the REST API shows it."""
+def retry_links(trials: list[FrozenTrial]) -> dict[int, int]:
+    """{failed trial number: number of the trial that re-ran its parameters} for the study."""
+    return {t.system_attrs["retry_history"][-1]: t.number for t in trials
+            if t.system_attrs.get("retry_history")}
+
+
+def trial_to_dict(trial: FrozenTrial, retried_as: int | None = None) -> dict[str, Any]:
+    """A trial as the REST API shows it; `retried_as` names the retry of a failed trial.
+
+    A retry carries `retry_of` (the first trial of its chain) and `retry_history` (every trial
+    of the chain, the one it directly re-runs last); a failed trial that was retried carries
+    `retried_as`, so both ends of each link are shown.
+    """
     details = {k: _finite(v) for k, v in trial.user_attrs.items() if k not in _NOT_DETAILS}
     retry_of = trial.system_attrs.get("failed_trial")
     if retry_of is not None:
         details["retry_of"] = retry_of
         details["retry_history"] = trial.system_attrs.get("retry_history", [])
+    if retried_as is not None:
+        details["retried_as"] = retried_as
     return {
         "number": trial.number,
         "state": trial.state.name,
@@ -72,10 +85,40 @@ def trial_to_dict(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
+def trials_to_dicts(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    """The study's trials as the REST API shows them, failed trials linked to their retries."""
+    retried_as = retry_links(trials)
+    return [trial_to_dict(t, retried_as.get(t.number)) for t in trials]
+
+
 def epochs_trained(row: dict[str, Any]) -> float:
-    """Epochs a trial (as trial_to_dict shows it) trained; fractional if pruned mid-epoch."""
-    exact = row["details"].get("epochs_trained")
+    """Epochs a trial (as trial_to_dict shows it) really trained.
+
+    Fractional if pruned mid-epoch; an audited trial counts the epochs it trained on after the
+    pruner's verdict.
+    """
+    d = row["details"]
+    if d.get("audited"):
+        return float(d["audit_trained_epochs"])
+    exact = d.get("epochs_trained")
     return float(exact) if exact is not None else float(row["stopped_epoch"] or 0)
+
+
+def epochs_saved(row: dict[str, Any], max_epochs: int) -> tuple[str, float] | None:
+    """("pruned" or "early_stopped", epochs not trained) for a finished trial that really
+    stopped before `max_epochs`; None for any other trial.
+
+    Diverged trials count as pruned. An audited trial saved nothing by its pruning, as it
+    trained on; only an early stop or divergence of its continued run saved epochs.
+    """
+    if row["state"] not in ("COMPLETE", "PRUNED"):
+        return None
+    d = row["details"]
+    reason = d.get("audit_stop_reason") if d.get("audited") else row["stop_reason"]
+    cause = {PRUNED: "pruned", DIVERGED: "pruned", EARLY_STOPPED: "early_stopped"}.get(reason)
+    if cause is None:
+        return None
+    return cause, max(max_epochs - epochs_trained(row), 0.0)
 
 
 def _tidy(epochs: float) -> float | int:
@@ -98,13 +141,33 @@ def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return out
 
 
-def reason_in_words(t: dict[str, Any]) -> str:
-    """One sentence on why a trial stopped where it did."""
+def step_in_words(step: Any, resource: str = "epochs") -> str:
+    """A pruner step in its resource: "epoch 3" or "600 examples"."""
+    return f"{step} examples" if resource == "examples" else f"epoch {step}"
+
+
+def reason_in_words(t: dict[str, Any], resource: str = "epochs") -> str:
+    """One sentence on why a trial stopped where it did, and the trials it is linked to.
+
+    `resource` is what the pruner's steps count: "epochs" or "examples".
+    """
+    d = t["details"]
+    words = _stop_in_words(t, resource)
+    if d.get("audited"):
+        words += f"; audited: trained on to epoch {d.get('audit_trained_epochs')}"
+    if d.get("retry_history"):
+        words += f"; a retry of trial #{d['retry_history'][-1]}"
+    if "retried_as" in d:
+        words += f"; retried as trial #{d['retried_as']}"
+    return words
+
+
+def _stop_in_words(t: dict[str, Any], resource: str) -> str:
     d = t["details"]
     reason = t["stop_reason"]
     if reason == PRUNED:
-        where = f"rung {d['prune_rung']} (epoch {d.get('prune_step')})" if "prune_rung" in d \
-            else f"epoch {d.get('prune_step')}"
+        at = step_in_words(d.get("prune_step"), resource)
+        where = f"rung {d['prune_rung']} ({at})" if "prune_rung" in d else at
         cut = d.get("prune_cutoff")
         cut_txt = f" against a cut-off of {cut:.4f}" if isinstance(cut, int | float) else ""
         peers = d.get("prune_n_peers")
@@ -118,10 +181,12 @@ def reason_in_words(t: dict[str, Any]) -> str:
     if reason == DIVERGED:
         return f"diverged at epoch {d.get('diverged_epoch')} (loss {d.get('diverged_loss')})"
     if reason == CANCELLED:
-        return "cancelled with its job"
+        return {"handed_back": "handed back by a worker that was stopped",
+                "timed_out": "stopped when its job timed out"}.get(d.get("stop_cause"),
+                                                                   "cancelled with its job")
     if reason == FAILED:
         err = d.get("error")
-        return "failed" + (f": {err}" if err else " (worker lost; retried)")
+        return f"failed: {err}" if err else "failed (worker lost)"
     if reason == MAX_EPOCHS:
         return "ran to max_epochs"
     return str(reason)
@@ -130,7 +195,7 @@ def reason_in_words(t: dict[str, Any]) -> str:
 def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dict[str, Any]:
     """Summary, best trial, every trial stopped before `max_epochs` and the compute it saved."""
     trials = study.get_trials(deepcopy=False)
-    rows = [trial_to_dict(t) for t in trials]
+    rows = trials_to_dicts(trials)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     completed = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
     best = None
@@ -150,21 +215,23 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
         }
 
     stopped = []
-    saved = {"pruned_epochs": 0, "early_stopped_epochs": 0,
+    saved = {"pruned_epochs": 0.0, "early_stopped_epochs": 0.0,
              "pruned_seconds": 0.0, "early_stopped_seconds": 0.0}
-    total_epochs = 0
+    total_epochs = 0.0
     full_seconds = 0.0
     for r in rows:
         epoch_s = float(r["details"].get("epoch_seconds") or 0.0)
-        trained = epochs_trained(r)
-        total_epochs += trained
+        total_epochs += epochs_trained(r)
         if r["state"] in ("COMPLETE", "PRUNED"):
             full_seconds += epoch_s * spec.max_epochs
-        if r["stop_reason"] in (None, MAX_EPOCHS):
+        saving = epochs_saved(r, spec.max_epochs)
+        if saving is not None:
+            cause, epochs = saving
+            saved[f"{cause}_epochs"] += epochs
+            saved[f"{cause}_seconds"] += epochs * epoch_s
+        if r["stop_reason"] in (None, MAX_EPOCHS) or r["state"] in ("RUNNING", "WAITING"):
             continue
-        if r["state"] in ("RUNNING", "WAITING"):
-            continue
-        row = {
+        stopped.append({
             "number": r["number"],
             "state": r["state"],
             "params": r["params"],
@@ -172,17 +239,9 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
             "stopped_epoch": r["stopped_epoch"],
             "best_epoch": r["best_epoch"],
             "value": r["value"],
-            "reason": reason_in_words(r),
+            "reason": reason_in_words(r, spec.pruner.resource),
             "details": r["details"],
-        }
-        stopped.append(row)
-        not_trained = max(spec.max_epochs - trained, 0)
-        if r["stop_reason"] in (PRUNED, DIVERGED):
-            saved["pruned_epochs"] += not_trained
-            saved["pruned_seconds"] += not_trained * epoch_s
-        elif r["stop_reason"] == EARLY_STOPPED:
-            saved["early_stopped_epochs"] += not_trained
-            saved["early_stopped_seconds"] += not_trained * epoch_s
+        })
 
     finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     full_epochs = spec.max_epochs * len(finished)

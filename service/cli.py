@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -269,15 +270,49 @@ def watch_job(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = 
     console.print(f"job {job_id} {job['status']}")
 
 
+class ReportFormat(StrEnum):
+    """What `hptune report --format` asks the API for."""
+
+    json = "json"
+    html = "html"
+    csv = "csv"
+
+
 @app.command()
-def report(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False) -> None:
-    """Print the early-stopped trial report of a job."""
-    body = _api_call(_client(url, key).report, job_id)
-    if as_json:
-        print(json.dumps(body, indent=2))
-    else:
-        print_report(body, console)
+def report(
+    job_id: int,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    key: KeyOpt = None,
+    format_: Annotated[ReportFormat | None, typer.Option(
+        "--format", help="The API's rendering: json, html (one self-contained page with the "
+        "pictures) or csv (a row per trial). Default: tables on the console, or the format "
+        "the --output file's suffix names.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", dir_okay=False, help="Write the report to this file.")] = None,
+) -> None:
+    """Print the early-stopped trial report of a job, or save it as JSON, HTML or CSV."""
+    if format_ is None and output is not None:
+        try:
+            format_ = ReportFormat(output.suffix.removeprefix(".").lower())
+        except ValueError:
+            err.print(f"[red]cannot tell the format from {output.name}: pass --format "
+                      "json, html or csv")
+            raise typer.Exit(2) from None
+    client = _client(url, key)
+    if format_ is None:
+        print_report(_api_call(client.report, job_id), console)
+        return
+    body = _api_call(client.report_as, job_id, format_.value)
+    if output is None:
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        output.write_bytes(body)
+    except OSError as exc:
+        err.print(f"[red]cannot write {output}: {exc.strerror}")
+        raise typer.Exit(1) from None
+    err.print(f"wrote the {format_.value} report of job {job_id} to {output}")
 
 
 @app.command()

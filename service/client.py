@@ -31,7 +31,7 @@ class Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         r = self.http.request(method, path, **kwargs)
         if r.status_code >= 400:
             try:
@@ -44,6 +44,10 @@ class Client:
             except ValueError:
                 msg = r.text
             raise ApiError(f"HTTP {r.status_code}: {msg}")
+        return r
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self._send(method, path, **kwargs)
         return r.json() if r.content else None
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -57,6 +61,11 @@ class Client:
 
     def report(self, job_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}/report")
+
+    def report_as(self, job_id: int, fmt: str) -> bytes:
+        """The report exactly as the API renders it in `fmt`: json, html or csv."""
+        return self._send("GET", f"/api/v1/jobs/{job_id}/report",
+                          params={"format": fmt}).content
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
@@ -99,11 +108,14 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def short_reason(row: dict[str, Any]) -> str:
-    """A stopped trial's reason in a few words, for narrow terminals."""
+def short_reason(row: dict[str, Any], resource: str = "epochs") -> str:
+    """A stopped trial's reason in a few words, for narrow terminals; `resource` is what the
+    pruner's steps count (epochs or examples)."""
     d, reason = row["details"], row["stop_reason"]
     if reason == "pruned":
-        rung = f" rung {d['prune_rung']}" if "prune_rung" in d else f" epoch {d.get('prune_step')}"
+        step = d.get("prune_step")
+        rung = (f" rung {d['prune_rung']}" if "prune_rung" in d
+                else f" at {step} examples" if resource == "examples" else f" epoch {step}")
         value, cut = d.get("prune_value"), d.get("prune_cutoff")
         if isinstance(value, int | float) and isinstance(cut, int | float):
             return (f"{d.get('pruner')}{rung}: {value:.4f} < cut-off {cut:.4f} "
@@ -139,6 +151,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         t.add_row("best epoch / stopped", f"{best['best_epoch']} / {best['stopped_epoch']}")
         console.print(t)
     stopped = report["stopped_trials"]
+    resource = report["spec"]["pruner"]["resource"]
     t = Table(title=f"{len(stopped)} trials stopped before max_epochs "
                     f"({report['spec']['max_epochs']})", caption="epoch: stopped at / best")
     for col in ("#", "state", "epoch", "lr", "batch", "drop", "wd"):
@@ -149,7 +162,8 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         t.add_row(str(r["number"]), r["state"].lower(),
                   f"{_fmt(r['stopped_epoch'])}/{_fmt(r['best_epoch'])}",
                   _fmt(p.get("learning_rate")), _fmt(p.get("batch_size")),
-                  _fmt(p.get("dropout")), _fmt(p.get("weight_decay")), short_reason(r))
+                  _fmt(p.get("dropout")), _fmt(p.get("weight_decay")),
+                  short_reason(r, resource))
     console.print(t)
     a = report.get("pruning_audit")
     if a:

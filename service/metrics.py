@@ -7,14 +7,11 @@ import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
 from search import JobSpec
+from search.report import epochs_saved, trial_to_dict
 from service import jobs
 from service.db import Database
 from service.models import Job, as_utc
@@ -40,7 +37,7 @@ class _Collector:
                 return self._cached[1]
             by_state: dict[str, int] = {}
             durations: list[float] = []
-            saved = {"pruned": 0, "early_stopped": 0}
+            saved = {"pruned": 0.0, "early_stopped": 0.0}
             rows, _ = jobs.list_jobs(self.db, None, limit=MAX_JOBS_SUMMARISED)
             for job in rows:
                 max_epochs = JobSpec.model_validate(job.spec).max_epochs
@@ -48,12 +45,10 @@ class _Collector:
                     by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
                     if t.datetime_start and t.datetime_complete:
                         durations.append((t.datetime_complete - t.datetime_start).total_seconds())
-                    reason = t.user_attrs.get("stop_reason")
-                    stopped = t.user_attrs.get("stopped_epoch") or 0
-                    if reason in ("pruned", "diverged"):
-                        saved["pruned"] += max(max_epochs - stopped, 0)
-                    elif reason == "early_stopped":
-                        saved["early_stopped"] += max(max_epochs - stopped, 0)
+                    # As the report counts them: partial epochs, nothing for an audited pruning.
+                    saving = epochs_saved(trial_to_dict(t), max_epochs)
+                    if saving is not None:
+                        saved[saving[0]] += saving[1]
             stats = {"by_state": by_state, "durations": durations, "saved": saved}
             self._cached = (time.monotonic(), stats)
             return stats
@@ -81,11 +76,14 @@ class _Collector:
         h.add_metric([], buckets, sum_value=sum(durations))
         yield h
 
-        c = CounterMetricFamily("hptune_epochs_saved", "Epochs not trained, by cause.",
-                                labels=["cause"])
+        # A gauge: summed over the most recent jobs, it falls when old jobs drop out or are
+        # deleted.
+        g = GaugeMetricFamily("hptune_epochs_saved",
+                              f"Epochs not trained because trials stopped early, by cause, over "
+                              f"the {MAX_JOBS_SUMMARISED} most recent jobs.", labels=["cause"])
         for cause, n in stats["saved"].items():
-            c.add_metric([cause], n)
-        yield c
+            g.add_metric([cause], round(n, 4))
+        yield g
 
         workers = live_workers(self.db)
         yield GaugeMetricFamily("hptune_workers_live", "Workers seen within the last minute.",

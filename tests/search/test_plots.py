@@ -12,7 +12,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from search.plots import PLOTS, param_importances, render_png, render_pngs
+from search.plots import PLOTS, param_importances, render_figure, render_png, render_pngs
 
 DISTS = {
     "learning_rate": FloatDistribution(1e-4, 0.3, log=True),
@@ -244,3 +244,52 @@ def test_the_parameter_that_drives_the_value_is_the_most_important(storage):
     imp = param_importances(study)
     assert next(iter(imp)) == "learning_rate"
     assert imp["learning_rate"] > 0.5
+
+
+def test_param_importances_use_ped_anova_as_the_plot_says(mixed, monkeypatch):
+    calls = []
+    real = optuna.importance.get_param_importances
+
+    def spy(study, **kw):
+        calls.append(kw.get("evaluator"))
+        return real(study, **kw)
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", spy)
+    param_importances(mixed)
+    assert len(calls) == 1
+    assert isinstance(calls[0], optuna.importance.PedAnovaImportanceEvaluator)
+
+
+def _examples_study(storage, n_train=None):
+    """Steps in examples (1000 rows an epoch, reported every 250), as run_trial records them."""
+    study = optuna.create_study(storage=storage, direction="maximize")
+    study.set_user_attr("spec", {"metric": "val_accuracy", "max_epochs": 2,
+                                 "pruner": {"name": "successive_halving",
+                                            "resource": "examples"}})
+    for i, steps in enumerate([8, 3, 5] if n_train else [3]):
+        iv = {250 * k: 0.5 + 0.01 * k + 0.001 * i for k in range(1, steps + 1)}
+        attrs = {}
+        if n_train:
+            attrs = {"stop_reason": "max_epochs" if steps == 8 else "pruned",
+                     "examples_seen": 250 * steps + 7, "epochs_trained": round(
+                         (250 * steps + 7) / n_train, 4)}
+        study.add_trial(optuna.create_trial(
+            state=TrialState.COMPLETE if steps == 8 else TrialState.PRUNED,
+            value=max(iv.values()) if steps == 8 else None, params=_params(i),
+            distributions=DISTS, user_attrs=attrs, intermediate_values=iv))
+    return study
+
+
+def test_learning_curves_in_examples_are_drawn_over_epochs(storage):
+    fig = render_figure(_examples_study(storage, n_train=1000), "learning_curves")
+    (ax,) = fig.axes
+    assert ax.get_xlabel() == "epoch"
+    xs = np.concatenate([seg[:, 0] for c in ax.collections if hasattr(c, "get_segments")
+                         for seg in c.get_segments()])
+    assert xs.min() == pytest.approx(0.25) and xs.max() == pytest.approx(2.0)
+
+
+def test_learning_curves_in_examples_say_so_while_epochs_are_unknown(storage):
+    # No trial recorded how many examples it saw (as while the first runs): steps stay examples.
+    fig = render_figure(_examples_study(storage), "learning_curves")
+    assert fig.axes[0].get_xlabel() == "examples seen"

@@ -266,3 +266,95 @@ def test_csv_of_an_empty_study_is_a_header(storage):
     text = render_csv(study)
     assert _rows(text) == []
     assert text.splitlines()[0].startswith("number,state,stop_reason,value")
+
+
+# --- retries and compute saved -------------------------------------------------------------------
+
+
+def _add(study, i, state, attrs, iv=None, value=None, system_attrs=None):
+    params = _params(i)
+    study.add_trial(optuna.create_trial(
+        state=state, value=value, params=params, distributions={k: DISTS[k] for k in params},
+        user_attrs={"epoch_seconds": 0.5, **attrs}, intermediate_values=iv or {},
+        system_attrs=system_attrs or {}))
+
+
+def _retry_of(*chain):
+    """Optuna's system attributes on a retry (RetryHeartbeatStaleTrialCallback)."""
+    return {"failed_trial": chain[0], "retry_history": list(chain)}
+
+
+def test_failed_trials_name_their_retry_and_only_then_say_retried(storage):
+    study = optuna.create_study(storage=storage, study_name="job-4", direction="maximize")
+    lost = {"stop_reason": "failed", "stopped_epoch": 1}
+    _add(study, 0, TrialState.FAIL, lost)                                  # lost, retried as 1
+    _add(study, 1, TrialState.FAIL, lost, system_attrs=_retry_of(0))       # lost, retried as 2
+    _add(study, 2, TrialState.FAIL, lost, system_attrs=_retry_of(0, 1))    # retry limit reached
+    _add(study, 3, TrialState.FAIL, {**lost, "error": "RuntimeError: boom"})  # no free slot
+    _add(study, 4, TrialState.FAIL, {"stop_reason": "cancelled", "stop_cause": "handed_back",
+                                     "stopped_epoch": 2})                  # handed back, as 5
+    _add(study, 5, TrialState.COMPLETE, {"stop_reason": "max_epochs", "stopped_epoch": 10},
+         value=0.9, system_attrs=_retry_of(4))
+    report = build_report(study, _spec(), _job())
+    rows = {r["number"]: r for r in report["stopped_trials"]}
+    assert set(rows) == {0, 1, 2, 3, 4}
+    assert {n: r["details"].get("retried_as") for n, r in rows.items()} == \
+        {0: 1, 1: 2, 2: None, 3: None, 4: 5}
+    assert rows[2]["details"]["retry_of"] == 0 and rows[2]["details"]["retry_history"] == [0, 1]
+    assert rows[0]["reason"] == "failed (worker lost); retried as trial #1"
+    assert rows[1]["reason"] == "failed (worker lost); a retry of trial #0; retried as trial #2"
+    assert rows[2]["reason"] == "failed (worker lost); a retry of trial #1"
+    assert rows[3]["reason"] == "failed: RuntimeError: boom"
+    assert rows[4]["reason"] == "handed back by a worker that was stopped; retried as trial #5"
+    for n in (2, 3):
+        assert "retried" not in rows[n]["reason"]
+    page = render_html(report, study)
+    assert "retried as trial #1" in page and "a retry of trial #1</td>" in page
+
+
+EXAMPLES = 1000  # training rows of the synthetic dataset below
+
+
+def test_compute_saved_counts_only_trials_that_really_stopped_early(storage):
+    """Audited trials trained on after the pruner's verdict: that saved nothing, unless their
+    continued run stopped early itself. Steps count examples, epochs are fractional."""
+    spec = _spec(audit_fraction=0.5, pruner={"name": "successive_halving",
+                                             "resource": "examples", "min_resource": 300})
+    study = optuna.create_study(storage=storage, study_name="job-5", direction="maximize")
+    study.set_user_attr("spec", spec.model_dump(mode="json"))
+
+    def pruned(step, **audit):
+        return {"stop_reason": "pruned", "stopped_epoch": -(-step // EXAMPLES),
+                "epochs_trained": step / EXAMPLES, "examples_seen": step,
+                "pruner": "successive_halving", "prune_step": step, "prune_rung": 0,
+                "prune_value": 0.5, "prune_cutoff": 0.6, "prune_n_peers": 3, **audit}
+
+    full = {"stop_reason": "max_epochs", "stopped_epoch": 10, "epochs_trained": 10.0,
+            "examples_seen": 10 * EXAMPLES}
+    _add(study, 0, TrialState.COMPLETE, full, value=0.8)
+    _add(study, 1, TrialState.PRUNED, pruned(600))                          # saves 9.4 epochs
+    _add(study, 2, TrialState.PRUNED, pruned(1200, audited=True, audit_trained_epochs=10,
+                                             audit_stop_reason="max_epochs"))  # saves nothing
+    _add(study, 3, TrialState.PRUNED, pruned(2000, audited=True, audit_trained_epochs=7,
+                                             audit_stop_reason="early_stopped"))  # saves 3
+    _add(study, 4, TrialState.COMPLETE, {"stop_reason": "early_stopped", "stopped_epoch": 6,
+                                         "epochs_trained": 6.0, "patience": 2}, value=0.7)
+    report = build_report(study, spec, _job())
+    saved = report["compute_saved"]
+    assert saved["pruned_epochs"] == pytest.approx(9.4)
+    assert saved["early_stopped_epochs"] == 3 + 4
+    assert saved["pruned_seconds"] == pytest.approx(9.4 * 0.5)
+    assert saved["early_stopped_seconds"] == pytest.approx(7 * 0.5)
+    # Epochs trained, audit included, and epochs saved add up to the full budget.
+    assert report["total_epochs"] == pytest.approx(10 + 0.6 + 10 + 7 + 6)
+    assert report["total_epochs"] + saved["pruned_epochs"] + saved["early_stopped_epochs"] == \
+        pytest.approx(saved["full_budget_epochs"]) == 5 * MAX_EPOCHS
+    assert saved["pruned_epochs_share"] == pytest.approx(9.4 / 50, abs=1e-4)
+
+    rows = {r["number"]: r for r in report["stopped_trials"]}
+    assert rows[1]["reason"].startswith("pruned by successive_halving at rung 0 (600 examples)")
+    assert rows[2]["reason"].endswith("; audited: trained on to epoch 10")
+    page = render_html(report, study)
+    audit = page[page.index('<section id="audit">'):page.index('<section id="plots">')]
+    assert "<td>1200 examples (epoch 1.20)</td>" in audit
+    assert "epoch 1200" not in page and "epoch 2000" not in page

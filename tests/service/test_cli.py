@@ -1,5 +1,6 @@
 """The CLI as a user runs it, against a real server."""
 
+import csv
 import json
 
 from tests.conftest import hptune
@@ -23,11 +24,42 @@ def test_submit_watch_report_and_jobs(server, tmp_path):
 
     listing = hptune("jobs", env=env).stdout
     assert "cli-job" in listing and "4/4" in listing
-    report = json.loads(hptune("report", str(job_id), "--json", env=env).stdout)
+    report = json.loads(hptune("report", str(job_id), "--format", "json", env=env).stdout)
     assert report["job"]["id"] == job_id and report["counts"]["complete"] + \
         report["counts"]["pruned"] == 4
     watched = hptune("watch", str(job_id), env=env).stdout
     assert f"job {job_id} succeeded" in watched
+
+
+def test_report_saves_the_html_page_and_the_csv(server, tmp_path):
+    client = server.client("cli-user")
+    env = {**server.env, "HPTUNE_URL": server.url, "HPTUNE_API_KEY": server.keys["cli-user"]}
+    job_id = client.post("/api/v1/jobs", json={**JOB, "name": "cli-formats"}).json()["id"]
+    server.wait_job(client, job_id)
+
+    page = tmp_path / "report.html"
+    r = hptune("report", str(job_id), "--format", "html", "--output", str(page), env=env)
+    assert f"to {page}" in r.stderr and r.stdout == ""
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "cli-formats" in html
+    assert html.count("data:image/png;base64,") == 4
+    # The bytes the API serves, CRLF line ends of the CSV included; the suffix tells the format.
+    sheet = tmp_path / "trials.csv"
+    hptune("report", str(job_id), "-o", str(sheet), env=env)
+    api = client.get(f"/api/v1/jobs/{job_id}/report", params={"format": "csv"})
+    assert sheet.read_bytes() == api.content
+    rows = list(csv.DictReader(sheet.open(newline="")))
+    assert [int(row["number"]) for row in rows] == [0, 1, 2, 3]
+    assert hptune("report", str(job_id), "--format", "csv", env=env).stdout.replace(
+        "\r\n", "\n") == api.text.replace("\r\n", "\n")
+
+    r = hptune("report", str(job_id), "-o", str(tmp_path / "report.pdf"), env=env, check=False)
+    assert r.returncode == 2 and "--format" in r.stderr
+    r = hptune("report", str(job_id), "--format", "pdf", env=env, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = hptune("report", str(job_id), "-o", str(tmp_path / "no" / "such.csv"), env=env,
+               check=False)
+    assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_errors_are_messages_not_tracebacks(server, tmp_path):

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import subprocess
+import time
 
 import httpx
 import optuna
@@ -48,15 +49,20 @@ def test_report_matches_the_study(finished):
     assert report["counts"]["complete"] == by_state[TrialState.COMPLETE]
     assert report["counts"]["pruned"] == by_state[TrialState.PRUNED]
     assert report["counts"]["failed"] == by_state[TrialState.FAIL]
-    assert report["best_trial"]["number"] == study.best_trial.number
+    best = study.best_trial
+    assert report["best_trial"]["number"] == best.number
     assert report["best_trial"]["value"] == study.best_value
-    assert report["best_trial"]["best_epoch"] == study.best_trial.user_attrs["best_epoch"]
-    assert report["best_trial"]["test_metrics"]["accuracy"] == \
-        study.best_trial.user_attrs["test_accuracy"]
+    assert report["best_trial"]["params"] == best.params
+    assert report["best_trial"]["best_epoch"] == best.user_attrs["best_epoch"]
+    assert report["best_trial"]["test_metrics"]["accuracy"] == best.user_attrs["test_accuracy"]
     assert report["total_epochs"] == sum(len(t.intermediate_values) for t in trials)
+    starts = [t.datetime_start for t in trials]
+    ends = [t.datetime_complete for t in trials]
+    assert report["wall_seconds"] == pytest.approx((max(ends) - min(starts)).total_seconds())
 
     stopped = {r["number"]: r for r in report["stopped_trials"]}
-    expected_saved = {"pruned_epochs": 0, "early_stopped_epochs": 0}
+    expected = {"pruned_epochs": 0.0, "early_stopped_epochs": 0.0,
+                "pruned_seconds": 0.0, "early_stopped_seconds": 0.0}
     for t in trials:
         reason = t.user_attrs["stop_reason"]
         if reason == "max_epochs":
@@ -66,18 +72,49 @@ def test_report_matches_the_study(finished):
         assert row["stop_reason"] == reason and row["reason"]
         if reason == "pruned":
             assert row["stopped_epoch"] == len(t.intermediate_values)
-            assert row["details"]["prune_cutoff"] is not None
-            expected_saved["pruned_epochs"] += JOB["max_epochs"] - len(t.intermediate_values)
+            _check_prune(row, t, trials)
         if reason == "early_stopped":
             assert row["stopped_epoch"] - row["best_epoch"] == JOB["early_stopping"]["patience"]
-            expected_saved["early_stopped_epochs"] += \
-                JOB["max_epochs"] - len(t.intermediate_values)
+        cause = "early_stopped" if reason == "early_stopped" else "pruned"  # diverged: pruned
+        not_trained = JOB["max_epochs"] - t.user_attrs["epochs_trained"]
+        expected[f"{cause}_epochs"] += not_trained
+        expected[f"{cause}_seconds"] += not_trained * t.user_attrs["epoch_seconds"]
     saved = report["compute_saved"]
-    assert saved["pruned_epochs"] == expected_saved["pruned_epochs"] > 0
-    assert saved["early_stopped_epochs"] == expected_saved["early_stopped_epochs"]
+    assert saved["pruned_epochs"] > 0
+    assert saved["pruned_epochs"] == pytest.approx(expected["pruned_epochs"])
+    assert saved["early_stopped_epochs"] == pytest.approx(expected["early_stopped_epochs"])
+    # Seconds are rounded to the millisecond in the report.
+    assert saved["pruned_seconds"] == pytest.approx(expected["pruned_seconds"], abs=1e-3)
+    assert saved["early_stopped_seconds"] == pytest.approx(expected["early_stopped_seconds"],
+                                                           abs=1e-3)
     assert saved["full_budget_epochs"] == JOB["n_trials"] * JOB["max_epochs"]
-    assert saved["pruned_epochs_share"] == pytest.approx(
-        saved["pruned_epochs"] / saved["full_budget_epochs"], abs=1e-4)
+    assert saved["full_budget_seconds"] == pytest.approx(
+        sum(t.user_attrs["epoch_seconds"] * JOB["max_epochs"] for t in trials), abs=1e-3)
+    # What was trained and what was saved add up to running every trial to max_epochs.
+    assert report["total_epochs"] + saved["pruned_epochs"] + saved["early_stopped_epochs"] == \
+        pytest.approx(saved["full_budget_epochs"])
+    for kind in ("pruned", "early_stopped"):
+        assert saved[f"{kind}_epochs_share"] == pytest.approx(
+            saved[f"{kind}_epochs"] / saved["full_budget_epochs"], abs=1e-4)
+        assert saved[f"{kind}_seconds_share"] == pytest.approx(
+            saved[f"{kind}_seconds"] / saved["full_budget_seconds"], abs=1e-4)
+
+
+def _check_prune(row, trial, trials):
+    """A pruned trial's fields against Optuna's own successive-halving records."""
+    d = row["details"]
+    assert d["pruner"] == JOB["pruner"]["name"]
+    rung = max(int(k.rsplit("_", 1)[1]) for k in trial.system_attrs
+               if k.startswith("completed_rung_"))
+    key = f"completed_rung_{rung}"
+    assert d["prune_rung"] == rung
+    # Rung r ends at step min_resource x reduction_factor^r, where the trial was stopped.
+    assert d["prune_step"] == JOB["pruner"]["reduction_factor"] ** rung == row["stopped_epoch"]
+    assert d["prune_value"] == trial.system_attrs[key]
+    # Compared with the trials that had reached the rung then (itself included): no more than
+    # reached it by the end of the job.
+    assert 1 <= d["prune_n_peers"] <= sum(key in t.system_attrs for t in trials)
+    assert f"among {d['prune_n_peers']} trials" in row["reason"]
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -135,6 +172,8 @@ def test_event_stream_delivers_the_final_state(server):
 
 
 def test_metrics_parse_with_the_prometheus_parser(finished, server):
+    _, job, _ = finished
+    report = server.client("monitor").get(f"/api/v1/jobs/{job['id']}/report").json()
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     jobs = {s.labels["status"]: s.value for s in families["hptune_jobs"].samples}
@@ -144,10 +183,23 @@ def test_metrics_parse_with_the_prometheus_parser(finished, server):
     hist = families["hptune_trial_duration_seconds"]
     count = next(s.value for s in hist.samples if s.name.endswith("_count"))
     assert count >= JOB["n_trials"]
-    saved = {s.labels["cause"]: s.value for s in families["hptune_epochs_saved"].samples
-             if s.name.endswith("_total")}
-    assert saved["pruned"] > 0
-    assert "hptune_workers_live" in families
+    # Recomputed from the recent jobs, so it may fall: a gauge, in the report's epochs.
+    saved = families["hptune_epochs_saved"]
+    assert saved.type == "gauge"
+    by_cause = {s.labels["cause"]: s.value for s in saved.samples}
+    assert by_cause["pruned"] >= report["compute_saved"]["pruned_epochs"] > 0
+    assert by_cause["early_stopped"] >= report["compute_saved"]["early_stopped_epochs"]
+
+    live = families["hptune_workers_live"].samples[0].value
+    seen = {s.labels["worker"]: s.value
+            for s in families["hptune_worker_last_seen_timestamp_seconds"].samples}
+    assert len(seen) == live >= 2
+    # The server's two embedded workers, each seen within the last minute.
+    kids = subprocess.run(["pgrep", "-P", str(server.proc.pid), "-f", "service worker"],
+                          capture_output=True, text=True).stdout.split()
+    assert len(kids) == 2 and {f"worker-{pid}" for pid in kids} <= set(seen)
+    now = time.time()
+    assert all(now - 60 <= ts <= now + 1 for ts in seen.values()), (now, seen)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
