@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The four core dimensions every job searches unless the spec fixes them.
 CORE_PARAMS = ("learning_rate", "batch_size", "dropout", "weight_decay")
@@ -16,6 +17,23 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagra
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts", "onecycle")
+
+
+def control_character(text: str) -> str | None:
+    """The first control character (NUL, newline, ...) or lone surrogate in `text`, as U+XXXX.
+
+    Names are one line of text that every database can store: PostgreSQL refuses NUL in text
+    and a lone surrogate cannot be encoded at all.
+    """
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
+    return None if bad is None else f"U+{ord(bad):04X}"
+
+
+def _plain_text(text: str) -> str:
+    bad = control_character(text)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found {bad})")
+    return text
 
 
 class _Strict(BaseModel):
@@ -241,7 +259,8 @@ class ModelSpec(_Strict):
 class JobSpec(_Strict):
     """A tuning job as submitted over REST or from a JSON file."""
 
-    name: str = Field(default="job", min_length=1, max_length=200)
+    name: Annotated[str, AfterValidator(_plain_text)] = Field(default="job", min_length=1,
+                                                              max_length=200)
     # A bundled dataset name or the id of an uploaded one.
     dataset: str | int = "digits"
     n_trials: int = Field(default=20, ge=1, le=10_000)

@@ -14,8 +14,9 @@ from sqlalchemy import select
 
 from search import JobSpec
 from search.datasets import bundled, from_arrays
+from search.spec import control_character
 from service.db import Database, retrying
-from service.errors import InvalidSpec, NotFound
+from service.errors import InvalidSpec, NotFound, TooLarge
 from service.models import UploadedDataset, as_utc
 
 # Targets with at most this many distinct integer values are classes, not a regression target.
@@ -82,18 +83,28 @@ def parse_csv(raw: bytes, target: str | None) -> tuple[np.ndarray, np.ndarray, l
     return X, y, [h for i, h in enumerate(header) if i != t_idx]
 
 
-def parse_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Arrays `X` (rows, features) and `y` (rows,) of an NPZ file, without unpickling."""
+def parse_npz(raw: bytes, max_bytes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Arrays `X` (rows, features) and `y` (rows,) of an NPZ file, without unpickling.
+
+    Each array's size is read from its zip entry and its .npy header before anything is
+    unpacked: together they may take at most `max_bytes`, so neither a header that claims a
+    huge shape nor a small file that inflates to gigabytes makes the server allocate them.
+    """
     if not raw:
         raise _fail("file is empty")
     try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            missing = [k for k in ("X", "y") if k not in npz.files]
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            entries = {info.filename.removesuffix(".npy"): info for info in zf.infolist()}
+            missing = [k for k in ("X", "y") if k not in entries]
             if missing:
-                raise _fail(f"NPZ lacks array(s) {', '.join(missing)}; it has {npz.files}")
-            X, y = npz["X"], npz["y"]
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                raise _fail(f"NPZ lacks array(s) {', '.join(missing)}; it has {sorted(entries)}")
+            X = _read_npy(zf, entries["X"], "X", max_bytes)
+            y = _read_npy(zf, entries["y"], "y", max_bytes - X.nbytes)
+    except (ValueError, OSError, EOFError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile) as exc:
         raise _fail(f"not a readable NPZ file: {exc}") from None
+    except MemoryError:
+        raise TooLarge("NPZ arrays too large to unpack", field="file") from None
     if X.ndim != 2:
         raise _fail(f"X must be 2-D (rows, features), got shape {list(X.shape)}")
     if y.ndim != 1:
@@ -102,9 +113,6 @@ def parse_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
         raise _fail(f"X has {len(X)} rows but y has {len(y)}")
     if X.shape[1] == 0:
         raise _fail("X has no feature columns")
-    for name, arr in (("X", X), ("y", y)):
-        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-            raise _fail(f"{name} must be real numbers, got dtype {arr.dtype}")
     X, y = X.astype(np.float64), y.astype(np.float64)
     bad = np.argwhere(~np.isfinite(X))
     if len(bad):
@@ -114,6 +122,30 @@ def parse_npz(raw: bytes) -> tuple[np.ndarray, np.ndarray, list[str]]:
     if len(bad_y):
         raise _fail(f"y row {bad_y[0]}: NaN or infinity is not allowed")
     return X, y, [f"x{i}" for i in range(X.shape[1])]
+
+
+def _read_npy(zf: zipfile.ZipFile, entry: zipfile.ZipInfo, name: str, max_bytes: int
+              ) -> np.ndarray:
+    """One array of the NPZ, refused from its sizes and header before it is unpacked."""
+    if entry.file_size > max_bytes:
+        raise TooLarge(f"array {name} unpacks to {entry.file_size} bytes, more than the "
+                       f"{max_bytes} bytes left of the upload limit", field="file")
+    with zf.open(entry) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise _fail(f"array {name}: unsupported .npy format version {version}")
+    if not np.issubdtype(dtype, np.number) or dtype.kind == "c":
+        raise _fail(f"{name} must be real numbers, got dtype {dtype}")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > max_bytes:
+        raise TooLarge(f"array {name} has shape {list(shape)}: {claimed} bytes, more than the "
+                       f"{max_bytes} bytes left of the upload limit", field="file")
+    with zf.open(entry) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
 
 
 def infer_task(y: np.ndarray) -> str:
@@ -141,8 +173,13 @@ def validate_arrays(X: np.ndarray, y: np.ndarray, task: str) -> None:
 def create_dataset(db: Database, owner: str, filename: str, raw: bytes, target: str | None,
                    name: str | None) -> UploadedDataset:
     """Parse, check and store an upload; answers with the stored row."""
+    for field, label, text in (("file", "the file name", filename), ("name", "name", name)):
+        bad = control_character(text or "")
+        if bad is not None:
+            raise _fail(f"{label} must not contain control characters (found {bad})", field)
     is_npz = filename.lower().endswith(".npz") or raw[:4] == b"PK\x03\x04"
-    X, y, features = parse_npz(raw) if is_npz else parse_csv(raw, target)
+    limit = db.settings.max_upload_bytes
+    X, y, features = parse_npz(raw, limit) if is_npz else parse_csv(raw, target)
     task = infer_task(y)
     validate_arrays(X, y, task)
     buf = io.BytesIO()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -51,8 +52,10 @@ API_RETRY_SECONDS = 2.0
 PG_CONNECT_TIMEOUT_S = 5
 # Longest wait for another process's hold on a job's claim lock.
 PG_LOCK_TIMEOUT_MS = 30_000
-# Names hptune's job locks among PostgreSQL advisory locks (two-key form: class, job id).
+# Names hptune's locks among PostgreSQL advisory locks (two-key form: class, key): a job's
+# claim lock (key: the job id) and an owner's submission lock (key: a hash of the owner).
 PG_JOB_LOCK_CLASS = 0x6870  # "hp"
+PG_OWNER_LOCK_CLASS = 0x6871
 
 # Trial states that hold one of a job's n_trials slots: a job never has more of these than
 # n_trials. WAITING (a queued retry) and FAIL do not; a claim pops a WAITING trial first.
@@ -265,9 +268,7 @@ class JobLock:
         conn = db.engine.connect()
         try:
             conn.begin()
-            conn.execute(text(f"SET LOCAL lock_timeout = {PG_LOCK_TIMEOUT_MS}"))
-            conn.execute(text("SELECT pg_advisory_xact_lock(:c, :k)"),
-                         {"c": PG_JOB_LOCK_CLASS, "k": self.job_id})
+            _pg_xact_lock(conn, PG_JOB_LOCK_CLASS, self.job_id)
         except BaseException as exc:
             _close_quietly(conn)
             if isinstance(exc, SQLAlchemyError) and is_transient(exc):
@@ -294,6 +295,18 @@ class JobLock:
                         _close_quietly(conn)
         finally:
             db._job_rlock(self.job_id).release()
+
+
+def _pg_xact_lock(conn: Connection, lock_class: int, key: int) -> None:
+    """Take an advisory lock held until `conn`'s transaction ends, waiting PG_LOCK_TIMEOUT_MS."""
+    conn.execute(text(f"SET LOCAL lock_timeout = {PG_LOCK_TIMEOUT_MS}"))
+    conn.execute(text("SELECT pg_advisory_xact_lock(:c, :k)"), {"c": lock_class, "k": key})
+
+
+def _owner_lock_key(owner: str) -> int:
+    """The owner's 32-bit advisory lock key (a collision only makes two owners take turns)."""
+    digest = hashlib.blake2b(owner.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _close_quietly(conn: Connection) -> None:
@@ -487,6 +500,7 @@ class Database:
         self._thread_state = threading.local()
         path = self.sqlite_path
         self._sqlite_job_lock = _FileLock(f"{path}.jobs.lock") if path else _NullLock()
+        self._sqlite_owner_lock = _FileLock(f"{path}.owners.lock") if path else _NullLock()
         self._sqlite_state_lock = _FileLock(f"{path}.state.lock") if path else None
 
     @property
@@ -521,6 +535,27 @@ class Database:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def owner_session(self, owner: str) -> Iterator[Session]:
+        """A session that holds the owner's lock until it has committed or rolled back.
+
+        What it reads and writes is atomic per owner across threads, processes and machines:
+        counting an owner's jobs against a quota, then adding one. The same mechanisms as the
+        job lock, scoped to the session's transaction. PostgreSQL: the owner's advisory lock
+        taken in that transaction, so its commit releases the lock and no second connection
+        is held (API threads each holding two pool connections could starve the pool).
+        SQLite: an flock on a file beside the database (one for all owners: SQLite takes its
+        writers one at a time anyway), released after the commit.
+        """
+        self._sqlite_owner_lock.acquire()
+        try:
+            with self.session() as s:
+                if not self.settings.is_sqlite:
+                    _pg_xact_lock(s.connection(), PG_OWNER_LOCK_CLASS, _owner_lock_key(owner))
+                yield s
+        finally:
+            self._sqlite_owner_lock.release()
 
     def job_lock(self, job_id: int) -> JobLock:
         """The job's claim lock (not yet acquired); use `with` or acquire()/release()."""

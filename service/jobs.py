@@ -70,6 +70,8 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
 
 
 def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
+    """Refuse a job over the owner's quotas; `session` must hold the owner's lock
+    (db.owner_session) and insert the job, so that no two submissions count the same room."""
     s = db.settings
     active, queued = session.execute(
         select(func.count(), func.coalesce(func.sum(Job.n_trials - Job.reserved), 0))
@@ -114,7 +116,7 @@ def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
     """Store a queued job and create its study, with the spec as study attributes."""
     _check_spec(db, owner, spec)
     warm = warm_start_configs(db, owner, spec)
-    with db.session() as s:
+    with db.owner_session(owner) as s:
         _check_quota(db, s, owner, spec)
         job = Job(owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
                   status="queued", n_trials=spec.n_trials, reserved=0, claims=0)

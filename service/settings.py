@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     # Per-owner quotas, counted in the database so they hold across API processes.
     max_active_jobs_per_owner: int = Field(default=20, ge=1)
     max_queued_trials_per_owner: int = Field(default=5_000, ge=1)
-    # Request size limits (bytes): JSON bodies, and dataset uploads.
+    # Request size limits (bytes): JSON bodies, and dataset uploads. An NPZ upload's arrays
+    # must also fit max_upload_bytes unpacked (checked from their headers before unpacking).
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=20 << 20, ge=1024)
 

@@ -2,6 +2,9 @@
 
 import io
 import math
+import threading
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -35,6 +38,17 @@ BAD_SPECS = [
     ({**GOOD_JOB, "search_space": {"batch_size": {"choices": [-8]}}}, "search_space.batch_size"),
     ({**GOOD_JOB, "search_space": {"dropout": {"low": "NaN", "high": 0.5}}},
      "search_space.dropout"),
+    ({**GOOD_JOB, "timeout_seconds": 10**7}, "timeout_seconds"),
+    ({**GOOD_JOB, "name": "two\nlines"}, "name"),
+    ({**GOOD_JOB, "name": "nul\x00byte"}, "name"),
+]
+
+# Values above the limited server's settings but within the spec's hard caps: only the
+# configured bounds (jobs._check_spec) refuse them. (field, value, configured bound)
+OVER_CONFIGURED = [
+    ("n_trials", 101, "100"),
+    ("max_epochs", 101, "100"),
+    ("timeout_seconds", 3601, "3600"),
 ]
 
 
@@ -46,6 +60,7 @@ def limited(tmp_path_factory):
         "HPTUNE_MAX_QUEUED_TRIALS_PER_OWNER": "50",
         "HPTUNE_MAX_TRIALS_PER_JOB": "100",
         "HPTUNE_MAX_EPOCHS_PER_TRIAL": "100",
+        "HPTUNE_MAX_TIMEOUT_SECONDS": "3600",
         "HPTUNE_MAX_REQUEST_BYTES": "4096",
         "HPTUNE_MAX_UPLOAD_BYTES": "20000",
     })
@@ -68,13 +83,37 @@ def test_bad_spec_is_422_naming_the_field(limited, body, field):
     assert _count_jobs(client) == before
 
 
+@pytest.mark.parametrize(("field", "value", "bound"), OVER_CONFIGURED,
+                         ids=[f for f, _, _ in OVER_CONFIGURED])
+def test_spec_over_configured_bound_is_422(limited, field, value, bound):
+    client = limited.client("tab")
+    before = _count_jobs(client)
+    r = client.post("/api/v1/jobs", json={**GOOD_JOB, field: value})
+    assert r.status_code == 422, r.text
+    err = r.json()["errors"][0]
+    assert err["field"] == field and bound in err["message"], err
+    assert _count_jobs(client) == before
+
+
 def test_nan_literals_in_json_are_422_not_500(limited):
     client = limited.client("tab")
-    for raw in (b'{"n_trials": NaN}', b'{"max_epochs": Infinity}',
-                b'{"search_space": {"dropout": {"low": -Infinity, "high": 0.5}}}'):
+    before = _count_jobs(client)
+    for raw, prefix, name in (
+        (b'{"n_trials": NaN}', "n_trials", "n_trials"),
+        (b'{"max_epochs": Infinity}', "max_epochs", "max_epochs"),
+        (b'{"search_space": {"dropout": {"low": -Infinity, "high": 0.5}}}',
+         "search_space.dropout.", ".low"),
+    ):
         r = client.post("/api/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, (raw, r.text)
         assert "NaN" not in r.text and "Infinity" not in r.text
+        errors = r.json()["errors"]
+        assert errors and all(e["field"].startswith(prefix) for e in errors), r.text
+        # The error on the value names its field (a union such as `dropout: FloatRange | Fixed`
+        # adds errors from its other branch: extra or missing keys).
+        assert any(e["field"].endswith(name) and e["message"].startswith("Input should be")
+                   for e in errors), r.text
+    assert _count_jobs(client) == before
 
 
 def _csv(rows):
@@ -133,12 +172,48 @@ def test_bad_npz_uploads(limited):
     cases.append((buf.getvalue(), "NaN"))
     buf = io.BytesIO()
     np.savez(buf, X=np.array([{"a": 1}] * 30, dtype=object), y=np.zeros(30))
-    cases.append((buf.getvalue(), "NPZ"))
+    cases.append((buf.getvalue(), "dtype object"))
     cases.append((b"PK\x03\x04garbage", "NPZ"))
     for raw, words in cases:
         r = client.post("/api/v1/datasets", files={"file": ("d.npz", raw)})
         assert r.status_code == 422, r.text
         assert words.lower() in r.json()["errors"][0]["message"].lower()
+
+
+def _npz_claiming(shape):
+    """An NPZ whose X header claims `shape` of float64 but holds 64 bytes of data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    y = io.BytesIO()
+    np.save(y, np.zeros(30))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("X.npy", header.getvalue() + bytes(64))
+        zf.writestr("y.npy", y.getvalue())
+    return buf.getvalue()
+
+
+def _npz_bomb():
+    """A few kB that inflate to 8 MB of zeros."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, X=np.zeros((20_000, 50)), y=np.zeros(20_000))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    (_npz_claiming((10**6, 10**6)), "array X has shape [1000000, 1000000]"),
+    (_npz_bomb(), "array X unpacks to 8000128 bytes"),
+], ids=["huge-header", "inflates"])
+def test_npz_too_large_unpacked_is_413_before_unpacking(limited, raw, words):
+    client = limited.client("uploader")
+    before = client.get("/api/v1/datasets").json()["count"]
+    assert len(raw) < 20_000  # the upload itself is far under the limit
+    r = client.post("/api/v1/datasets", files={"file": ("d.npz", raw)})
+    assert r.status_code == 413, r.text
+    err = r.json()["errors"][0]
+    assert err["field"] == "file" and words in err["message"], err
+    assert client.get("/api/v1/datasets").json()["count"] == before
 
 
 def test_oversized_upload_is_413_and_json_body_limit(limited):
@@ -227,3 +302,67 @@ def test_tenant_isolation_on_every_endpoint(server):
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "dataset"
     assert alice.get(f"/api/v1/jobs/{job_id}/trials").json() == snapshot
     assert alice.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+
+def _multipart(filename: str, content: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+    """A multipart body written by hand: httpx would percent-escape control characters."""
+    boundary = "hptune-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+             .encode() for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                 f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
+                 + content + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_nul_in_names_is_422_on_postgres(postgres_backend, cluster_factory):
+    """PostgreSQL text cannot hold NUL: refused at validation, not a driver error (503)."""
+    cluster = cluster_factory(postgres_backend.url)
+    cluster.start_api()
+    client = cluster.client()
+    good = _csv(_good_rows())
+    cases = [
+        ("POST", "/api/v1/jobs", {"json": {**GOOD_JOB, "name": "bad\x00name"}}, "name"),
+        ("POST", "/api/v1/datasets", {"files": {"file": ("d.csv", good)},
+                                      "data": {"target": "label", "name": "bad\x00name"}},
+         "name"),
+    ]
+    body, content_type = _multipart("bad\x00name.csv", good, {"target": "label"})
+    cases.append(("POST", "/api/v1/datasets",
+                  {"content": body, "headers": {"Content-Type": content_type}}, "file"))
+    for method, path, kwargs, field in cases:
+        r = client.request(method, path, **kwargs)
+        assert r.status_code == 422, (path, field, r.text)
+        err = r.json()["errors"][0]
+        assert err["field"] == field and "U+0000" in err["message"], err
+    assert client.get("/api/v1/jobs").json()["count"] == 0
+    assert client.get("/api/v1/datasets").json()["count"] == 0
+    # The hand-written multipart body is well formed: with a clean name it is stored.
+    body, content_type = _multipart("fine.csv", good, {"target": "label"})
+    r = client.post("/api/v1/datasets", content=body, headers={"Content-Type": content_type})
+    assert r.status_code == 201, r.text
+
+
+def test_active_job_quota_holds_under_concurrent_submissions(backend, cluster_factory):
+    """Two API processes on one database, 24 simultaneous submissions by one owner against an
+    active-jobs quota of 4: exactly 4 jobs are created and every other answer is a 429."""
+    quota, per_api = 4, 12
+    apis = [cluster_factory(backend.url, HPTUNE_MAX_ACTIVE_JOBS_PER_OWNER=str(quota))
+            for _ in range(2)]
+    for api in apis:
+        api.start_api()
+    clients = [api.client() for api in apis]
+    start = threading.Barrier(len(apis) * per_api)
+
+    def submit(client: httpx.Client) -> httpx.Response:
+        start.wait()
+        return client.post("/api/v1/jobs", json=GOOD_JOB)
+
+    with ThreadPoolExecutor(len(apis) * per_api) as pool:
+        answers = list(pool.map(submit, [c for c in clients for _ in range(per_api)]))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] * quota + [429] * (len(answers) - quota), \
+        [r.text for r in answers if r.status_code not in (201, 429)]
+    assert all(int(r.headers["retry-after"]) > 0 for r in answers if r.status_code == 429)
+    assert clients[0].get("/api/v1/jobs").json()["count"] == quota
