@@ -1,6 +1,6 @@
 """Optuna side of hptune: job specs, studies, the trial runner and reports."""
 
-from search.report import build_report, counts, trial_to_dict
+from search.report import build_report, counts, trial_to_dict, trials_to_dicts
 from search.spec import JobSpec, metric_direction
 from search.study import (
     TrialOutcome,
@@ -27,4 +27,5 @@ __all__ = [
     "run_trial",
     "study_name_for",
     "trial_to_dict",
+    "trials_to_dicts",
 ]

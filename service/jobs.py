@@ -21,6 +21,7 @@ from search import (
     metric_direction,
     study_name_for,
     trial_to_dict,
+    trials_to_dicts,
 )
 from search.datasets import bundled_names
 from search.spec import in_space
@@ -265,7 +266,7 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
 
 def job_trials(db: Database, owner: str | None, job_id: int) -> list[dict[str, Any]]:
     job = get_job(db, owner, job_id)
-    return [trial_to_dict(t) for t in study_trials(db, job)]
+    return trials_to_dicts(study_trials(db, job))
 
 
 def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
