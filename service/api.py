@@ -302,8 +302,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         errors = []
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-            # Drop pydantic's union-branch labels such as "FloatRange" from the path.
-            loc = [p for p in loc if not p[:1].isupper()]
+            # Drop model names and pydantic's union and validator tags (`function-after[...]`).
+            loc = [p for p in loc if not p[:1].isupper() and "[" not in p]
             errors.append({"field": ".".join(loc) or None, "message": str(err.get("msg"))})
         fields = ", ".join(sorted({e["field"] for e in errors if e["field"]}))
         return _error(422, f"invalid request: {fields or 'body'}", errors)
