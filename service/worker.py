@@ -31,8 +31,6 @@ from service.settings import Settings
 
 log = logging.getLogger("hptune.worker")
 
-# How often a running trial asks whether its job was cancelled or timed out.
-CANCEL_POLL_INTERVAL_S = 1.0
 # How often a worker also runs the reaper (between trials, or while idle).
 REAP_INTERVAL_S = 5.0
 # How often a worker updates its row in the worker registry (shown by /metrics).
@@ -243,7 +241,6 @@ class Worker:
         study = self._study(claim)
         started: list[optuna.Trial] = []
         heartbeat: list[Heartbeat] = []
-        last_poll = [time.monotonic()]
 
         def on_started(trial: optuna.Trial) -> None:
             started.append(trial)
@@ -278,12 +275,11 @@ class Worker:
             if claim.deadline is not None and time.time() >= claim.deadline:
                 jobs.refresh_job(db, claim.job_id)  # marks the job timed out
                 return stop_with(jobs.TIMED_OUT)
-            now = time.monotonic()
-            if now - last_poll[0] < CANCEL_POLL_INTERVAL_S:
-                return None
-            last_poll[0] = now
+            # Every epoch: a cancel stops the trial within one epoch, for one primary-key read.
             if jobs.job_status(db, claim.job_id) not in jobs.ACTIVE:
                 return stop_with(None)
+            # A long trial keeps the worker's registry row fresh too (rate-limited).
+            self._announce("busy")
             return None
 
         outcome: TrialOutcome | None = None

@@ -7,6 +7,9 @@ PostgreSQL half skips with the reason; with HPTUNE_REQUIRE_POSTGRES=1 (CI) it fa
 `cluster` starts `hptune serve --workers 0` and standalone `python -m service worker`
 processes on the backend's database, so tests can signal single workers (SIGKILL, SIGTERM),
 restart everything, or stop the database under them.
+
+`measure` records a measured figure (a wall-time ratio, a latency): pytest prints them all in
+a "measurements" section of its terminal summary, so they reach the CI log without `-s`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,27 @@ TINY_JOB = {
     "model": {"hidden_layers": [16]},
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
+MEASUREMENTS = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def measure(request, record_property):
+    """measure(name, text): shown in the terminal summary, and a JUnit XML property."""
+    lines = request.config.stash.setdefault(MEASUREMENTS, [])
+
+    def record(name: str, text: str) -> None:
+        record_property(name, text)
+        lines.append(f"{request.node.nodeid}: {text}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    lines = config.stash.get(MEASUREMENTS, [])
+    if lines:
+        terminalreporter.section("measurements")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -238,6 +262,29 @@ class Cluster:
                 return job
             time.sleep(0.2)
         raise AssertionError(f"job {job_id} stuck below {at_least} finished\n{self.logs()}")
+
+    def pause_workers_mid_trial(self, job_id: int, timeout_s: float = 60) -> int:
+        """SIGSTOP every live worker at a moment when the job has RUNNING trials; returns how
+        many (exactly: a frozen worker cannot finish its trial while they are counted).
+
+        The caller then acts on the frozen workers: kills them, or stops the database and
+        resumes them (`resume_workers`).
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.job(job_id)["counts"]["running"] > 0:
+                for w in self.live_workers():
+                    w.proc.send_signal(signal.SIGSTOP)
+                running = self.job(job_id)["counts"]["running"]
+                if running > 0:
+                    return running
+                self.resume_workers()  # the trials ended in between: try again
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} never had a trial running\n{self.logs()}")
+
+    def resume_workers(self) -> None:
+        for w in self.live_workers():
+            w.proc.send_signal(signal.SIGCONT)
 
     def kill_worker(self, w: Proc, sig: int = signal.SIGKILL) -> None:
         if w.alive():

@@ -1,5 +1,7 @@
 """docker-compose.yml cannot run here (no Docker engine), so check it by parsing it."""
 
+import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -8,6 +10,14 @@ from typer.main import get_command
 from service.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("postgres", "api", "worker", "dashboard")
+# Programs a health check may run besides `hptune`, by the image that has them.
+IMAGE_PROGRAMS = {"postgres": {"pg_isready"}, "build": {"python"}}
+URL = re.compile(r"https?://(?:127\.0\.0\.1|localhost):(\d+)(/[^'\"\s]*)?")
+
+
+def _compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def _cli_paths() -> set[tuple[str, ...]]:
@@ -23,11 +33,34 @@ def _cli_paths() -> set[tuple[str, ...]]:
     return paths
 
 
+def _check_cli_command(command: list[str]) -> None:
+    """`command` ("hptune", words...) names a real CLI command with real options."""
+    assert command[0] == "hptune", command
+    paths = _cli_paths()
+    words = tuple(w for w in command[1:] if not w.startswith("-"))
+    assert any(words[: len(p)] == p for p in paths), (command, sorted(paths))
+    cmd = get_command(app)
+    for w in words:
+        if w in getattr(cmd, "commands", {}):
+            cmd = cmd.commands[w]
+    opts = {o for p in cmd.params for o in p.opts}
+    assert {w for w in command[1:] if w.startswith("--")} <= opts, (command, opts)
+
+
+def _health_argv(service: dict) -> list[str]:
+    kind, *rest = service["healthcheck"]["test"]
+    assert kind in ("CMD", "CMD-SHELL"), kind
+    return shlex.split(rest[0]) if kind == "CMD-SHELL" else rest
+
+
+def _option(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
 def test_compose_services_and_health_checks():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {"postgres", "api", "worker", "dashboard"} <= set(services)
-    for name in ("postgres", "api"):
+    services = _compose()["services"]
+    assert set(SERVICES) <= set(services)
+    for name in SERVICES:
         assert "healthcheck" in services[name], name
     # Workers scale with --scale worker=N: no fixed container name or host port.
     assert "container_name" not in services["worker"] and "ports" not in services["worker"]
@@ -37,18 +70,33 @@ def test_compose_services_and_health_checks():
 
 
 def test_every_compose_command_exists_in_the_cli():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    paths = _cli_paths()
-    commands = [s["command"] for s in compose["services"].values() if "command" in s]
+    commands = [s["command"] for s in _compose()["services"].values() if "command" in s]
     assert len(commands) == 3
     for command in commands:
-        assert command[0] == "hptune"
-        words = tuple(w for w in command[1:] if not w.startswith("-"))
-        assert any(words[: len(p)] == p for p in paths), (command, sorted(paths))
-        # Options must be real options of that command.
-        cmd = get_command(app)
-        for w in words:
-            if w in getattr(cmd, "commands", {}):
-                cmd = cmd.commands[w]
-        opts = {o for p in cmd.params for o in p.opts}
-        assert {w for w in command[1:] if w.startswith("--")} <= opts, (command, opts)
+        _check_cli_command(command)
+
+
+def test_every_health_check_command_exists(tmp_path):
+    """hptune commands exist in the CLI; other programs are in the service's image; an inline
+    Python check compiles, and a URL it fetches is the service's own port (and, for the API, one
+    of its routes)."""
+    from service.api import create_app
+    from service.settings import Settings
+
+    api_routes = {r.path for r in create_app(
+        Settings(database_url=f"sqlite:///{tmp_path / 'routes.db'}")).routes}
+    for name, service in _compose()["services"].items():
+        argv = _health_argv(service)
+        if argv[0] == "hptune":
+            _check_cli_command(argv)
+            continue
+        image = "build" if "build" in service else service["image"].split(":")[0]
+        assert argv[0] in IMAGE_PROGRAMS[image], (name, argv)
+        if argv[0] != "python":
+            continue
+        assert argv[1] == "-c", argv
+        compile(argv[2], f"{name} healthcheck", "exec")
+        for port, path in URL.findall(argv[2]):
+            assert port == _option(service["command"], "--port"), (name, argv)
+            if name == "api":
+                assert path in api_routes, (path, sorted(api_routes))

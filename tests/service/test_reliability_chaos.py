@@ -1,9 +1,9 @@
 """Chaos on PostgreSQL: four workers, one killed with SIGKILL every few seconds and replaced.
 
-A 60-trial job still ends with exactly 60 finished trials, nothing RUNNING, every retry
-linked to the trial it retries, and a wall time close to an undisturbed run of the same job
-(logged; asserted loosely, because a replacement worker's start-up costs CPU on a small
-machine).
+The kills go on until the job ends. A 60-trial job still ends with exactly 60 finished
+trials, nothing RUNNING, every retry linked to the trial it retries, and a wall time close to
+an undisturbed run of the same job (shown in the terminal summary's measurements; asserted
+loosely, because a replacement worker's start-up costs CPU on a small machine).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import time
 
 N_TRIALS = 60
 N_WORKERS = 4
+# One kill every few seconds, each once the last replacement is up (on two cores its start-up
+# takes seconds of CPU): never more than one worker down at a time.
 KILL_EVERY_S = 4.0
-# Kills stop after this many: on two cores each replacement's start-up (imports, dataset)
-# costs seconds of CPU, and an endless stream of them measures process start-up, not hptune.
-MAX_KILLS = 5
+# The chaos run fails past this, however the kills go.
+CHAOS_TIMEOUT_S = 400
 # Each kill loses at most one partly trained trial plus the grace period before its retry;
 # on two cores the replacement's start-up also slows the others, and on a shared CI machine
 # the two runs may see different loads. The target is 1.5x; the assertion only catches a
@@ -37,7 +38,7 @@ CHAOS_JOB = {
 
 
 def test_chaos_kill_workers_during_a_60_trial_job(postgres_backend, cluster_factory,
-                                                  check_trials):
+                                                  check_trials, measure):
     cluster = cluster_factory(postgres_backend.url)
     cluster.start_api()
     cluster.start_workers(N_WORKERS)
@@ -55,9 +56,8 @@ def test_chaos_kill_workers_during_a_60_trial_job(postgres_backend, cluster_fact
     next_kill = started + KILL_EVERY_S
     replacement = None
     while cluster.job(job_id)["status"] not in ("succeeded", "failed", "cancelled"):
-        # One worker down at a time: the next kill waits until the last replacement is up.
         up = replacement is None or "started" in replacement.log()
-        if time.monotonic() >= next_kill and kills < MAX_KILLS and up:
+        if time.monotonic() >= next_kill and up:
             # A worker that has run trials is likely in the middle of one: kill it.
             busy = [w for w in cluster.live_workers() if "job " in w.log()]
             victim = rng.choice(busy or cluster.live_workers())
@@ -66,7 +66,7 @@ def test_chaos_kill_workers_during_a_60_trial_job(postgres_backend, cluster_fact
             kills += 1
             replacement = cluster.start_workers(1)[0]
             next_kill = time.monotonic() + KILL_EVERY_S
-        assert time.monotonic() - started < 400, cluster.logs()
+        assert time.monotonic() - started < CHAOS_TIMEOUT_S, cluster.logs()
         time.sleep(0.2)
     chaos_s = time.monotonic() - started
     job = cluster.wait_job(job_id)
@@ -75,8 +75,8 @@ def test_chaos_kill_workers_during_a_60_trial_job(postgres_backend, cluster_fact
     states = check_trials(trials, N_TRIALS)
     retries = [t for t in trials if "retry_of" in t["details"]]
     ratio = chaos_s / calm_s
-    print(f"chaos: {kills} workers killed; {states}; {len(retries)} retries; wall "
-          f"{chaos_s:.1f} s vs {calm_s:.1f} s undisturbed ({ratio:.2f}x)")
+    measure("chaos_wall_ratio", f"chaos: {kills} workers killed; {states}; {len(retries)} "
+            f"retries; wall {chaos_s:.1f} s vs {calm_s:.1f} s undisturbed ({ratio:.2f}x)")
     assert kills >= 2
     assert states.get("FAIL", 0) >= 1, "a kill must have hit a running trial"
     assert len(retries) >= 1

@@ -1,8 +1,9 @@
 """Workers that die, are stopped, or run poison trials: real processes and real signals.
 
 SIGTERM hands the running trial back within an epoch; a trial whose worker died is failed
-after the grace period and its parameters retried (linked to the original); a trial that
-crashes its worker every time is retried at most the limit; a cancelled or timed-out job
+after the grace period and its parameters retried (linked to the original), by the API's
+reaper alone when no worker is left; a trial that crashes its worker every time is retried at
+most the limit; a cancel stops running trials within an epoch; a cancelled or timed-out job
 keeps nothing RUNNING. Each runs once per storage backend.
 """
 
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime
 
 import pytest
+
+from service.api import REAP_INTERVAL_S
+from tests.service.conftest import CLUSTER_ENV
 
 # Trials of about three seconds on a quiet machine (0.02 s an epoch): long enough to be
 # caught mid-run by a signal or a cancel sent half a second after they start.
@@ -111,6 +116,42 @@ def test_killed_worker_trial_is_retried_after_grace(cluster, module_backend, che
     assert survivor.alive()
 
 
+def test_api_reaps_dead_trials_while_no_worker_is_alive(cluster, module_backend, measure):
+    """kill -9 every worker mid-trial and start none: the API's own reaper fails the stale
+    RUNNING trials after the grace period and queues their retries."""
+    job_id = cluster.submit(LONG_JOB)
+    _wait_running(cluster, job_id, 2)
+    for w in cluster.live_workers():
+        cluster.kill_worker(w, signal.SIGKILL)
+        w.proc.wait()
+    killed_at = time.monotonic()
+    victims = {t["number"] for t in cluster.trials(job_id) if t["state"] == "RUNNING"}
+    assert victims, "the kill must catch trials running"
+    heartbeat_s = float(CLUSTER_ENV["HPTUNE_HEARTBEAT_INTERVAL"])
+    grace_s = float(CLUSTER_ENV["HPTUNE_GRACE_PERIOD"])
+    # A beat at most one interval before the kill, the grace period, then the reaper's round.
+    limit_s = grace_s + REAP_INTERVAL_S + 5
+    while (running := cluster.job(job_id)["counts"]["running"]) > 0:
+        assert time.monotonic() - killed_at < limit_s, (running, cluster.logs())
+        time.sleep(0.2)
+    took = time.monotonic() - killed_at
+    measure("reap_without_workers_s", f"{module_backend.name}: no worker alive, {len(victims)} "
+            f"dead trials failed by the API after {took:.1f} s (grace {grace_s:g} s)")
+    assert took >= grace_s - heartbeat_s, "failed before its grace period ran out"
+    assert not cluster.live_workers()
+    trials = {t["number"]: t for t in cluster.trials(job_id)}
+    for number in victims:
+        assert trials[number]["state"] == "FAIL", trials[number]
+        assert trials[number]["stop_reason"] == "failed", trials[number]
+    # Their parameters wait for the next worker, linked to the trials they retry.
+    retries = {t["details"]["retry_of"]: t for t in trials.values() if "retry_of" in t["details"]}
+    assert set(retries) == victims, trials
+    assert all(t["state"] == "WAITING" for t in retries.values()), retries
+    with cluster.client() as c:  # leave nothing for the next test's workers
+        assert c.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    assert cluster.wait_job(job_id, timeout_s=30)["status"] == "cancelled"
+
+
 POISON_JOB = {
     "name": "poison",
     "dataset": "digits",
@@ -173,16 +214,22 @@ def test_all_poison_job_ends_instead_of_looping(cluster):
     assert job["counts"]["running"] == 0 and job["counts"]["waiting"] == 0
 
 
-def test_cancel_stops_running_trials_within_an_epoch(cluster, module_backend):
+# What a cancelled trial may take beyond the epoch it was in: the job-status read, storing its
+# outcome (a dozen writes before its completion time) and the scheduler of a busy machine.
+CANCEL_LATENCY_S = 0.3
+
+
+def test_cancel_stops_running_trials_within_an_epoch(cluster, module_backend, measure):
     workers = cluster.live_workers()
     job_id = cluster.submit(LONG_JOB)
     _wait_running(cluster, job_id, 2)
     with cluster.client() as c:
         assert c.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 200
+    # The trials' timestamps are Optuna's: naive local time, on this machine's clock.
+    cancelled_at = datetime.now()
     t0 = time.monotonic()
     job = cluster.wait_job(job_id, timeout_s=30)
     took = time.monotonic() - t0
-    print(f"{module_backend.name}: cancel to no trial running {took:.2f} s")
     assert took < 5
     assert job["status"] == "cancelled"
     trials = cluster.trials(job_id)
@@ -191,6 +238,15 @@ def test_cancel_stops_running_trials_within_an_epoch(cluster, module_backend):
     # Both running trials stop at their next epoch (one may have just finished instead).
     assert 1 <= len(cancelled) <= 2, trials
     assert all(t["stop_reason"] == "cancelled" for t in cancelled)
+    # Each ended (completion time, with its outcome stored) within one of its epochs of the
+    # cancel, plus the fixed latency.
+    lags = [((datetime.fromisoformat(t["datetime_complete"]) - cancelled_at).total_seconds(),
+             t["details"]["epoch_seconds"]) for t in cancelled]
+    measure("cancel_latency_s", f"{module_backend.name}: cancel to no trial running "
+            f"{took:.2f} s; each trial ended " + ", ".join(
+                f"{lag:.3f} s after the cancel ({epoch:.3f} s epochs)" for lag, epoch in lags))
+    for lag, epoch in lags:
+        assert lag <= epoch + CANCEL_LATENCY_S, (lags, trials)
     assert not [t for t in trials if "retry_of" in t["details"]], "a cancelled job retries"
     assert all(w.alive() for w in workers)
 

@@ -35,8 +35,14 @@ def test_postgres_outage_mid_job(postgres_backend, cluster_factory, check_trials
     client = cluster.client()
     job_id = cluster.submit(OUTAGE_JOB)
     cluster.wait_finished(job_id, 4)
-    running = cluster.job(job_id)["counts"]["running"]
-    server.stop("fast")
+    # The database goes away under running trials: the workers are frozen at a moment with
+    # trials running, the server stopped, and the workers resumed into the outage.
+    running = cluster.pause_workers_mid_trial(job_id)
+    assert running >= 1
+    try:
+        server.stop("fast")
+    finally:
+        cluster.resume_workers()
     down_at = time.monotonic()
     codes: dict[str, list[int]] = {"job": [], "readyz": [], "healthz": []}
     late = None

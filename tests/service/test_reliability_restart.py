@@ -1,8 +1,8 @@
 """Restarting the whole service mid-job, on SQLite and on PostgreSQL.
 
-SIGKILL to the API and every worker half-way through a job, as a power cut would, then a
-fresh start: the dead workers' trials are failed after the grace period and retried, and the
-job still ends with exactly n_trials.
+SIGKILL to the API and every worker half-way through a job while trials are running, as a
+power cut would, then a fresh start: the dead workers' trials are failed after the grace
+period and retried, and the job still ends with exactly n_trials.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def test_restart_everything_mid_job(backend, cluster_factory, check_trials):
     n = MID_JOB["n_trials"]
     job_id = cluster.submit(MID_JOB)
     cluster.wait_finished(job_id, n // 2)
-    running = cluster.job(job_id)["counts"]["running"]
+    # The workers are frozen at a moment with trials running, then killed with them.
+    running = cluster.pause_workers_mid_trial(job_id)
+    assert running >= 1
     for p in [cluster.api, *cluster.workers]:
         p.proc.send_signal(signal.SIGKILL)
         p.proc.wait()
@@ -38,5 +40,9 @@ def test_restart_everything_mid_job(backend, cluster_factory, check_trials):
     cluster.start_workers(2)
     job = cluster.wait_job(job_id, timeout_s=240)
     assert job["status"] == "succeeded", (job, cluster.logs())
-    states = check_trials(cluster.trials(job_id), n)
+    trials = cluster.trials(job_id)
+    states = check_trials(trials, n)
     print(f"{backend.name}: killed with {running} running; after the restart {states}")
+    # Each trial the kill interrupted was failed by the heartbeat reaper and retried.
+    retried = {t["details"]["retry_of"] for t in trials if "retry_of" in t["details"]}
+    assert len(retried) >= running, trials
