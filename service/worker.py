@@ -11,6 +11,7 @@ second signal, it exits at once and the heartbeat reaper takes over.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import signal
@@ -35,6 +36,8 @@ log = logging.getLogger("hptune.worker")
 REAP_INTERVAL_S = 5.0
 # How often a worker updates its row in the worker registry (shown by /metrics).
 REGISTRY_INTERVAL_S = 10.0
+# Shortest time between two reads of a running trial's job status (cancel checks).
+CANCEL_POLL_MIN_S = 0.05
 # Backoff of the loop after a database error: doubles from the first value up to the cap.
 ERROR_BACKOFF_FIRST_S = 0.5
 ERROR_BACKOFF_MAX_S = 10.0
@@ -263,6 +266,8 @@ class Worker:
                     log.warning("could not record stop cause: %s", _one_line(exc))
             return cause or "cancelled"
 
+        last_status_read = [-math.inf]
+
         def should_stop() -> str | None:
             trial = started[0] if started else None
             if trial is not None and param_matches(trial.params, self._crash):
@@ -275,9 +280,14 @@ class Worker:
             if claim.deadline is not None and time.time() >= claim.deadline:
                 jobs.refresh_job(db, claim.job_id)  # marks the job timed out
                 return stop_with(jobs.TIMED_OUT)
-            # Every epoch: a cancel stops the trial within one epoch, for one primary-key read.
-            if jobs.job_status(db, claim.job_id) not in jobs.ACTIVE:
-                return stop_with(None)
+            # A cancel stops the trial within one epoch plus CANCEL_POLL_MIN_S: the status is
+            # read at every epoch end, but not more often than that (one read costs ~1.5 ms
+            # on PostgreSQL, a third of a 5 ms epoch).
+            now = time.monotonic()
+            if now - last_status_read[0] >= CANCEL_POLL_MIN_S:
+                last_status_read[0] = now
+                if jobs.job_status(db, claim.job_id) not in jobs.ACTIVE:
+                    return stop_with(None)
             # A long trial keeps the worker's registry row fresh too (rate-limited).
             self._announce("busy")
             return None

@@ -214,8 +214,9 @@ def test_all_poison_job_ends_instead_of_looping(cluster):
     assert job["counts"]["running"] == 0 and job["counts"]["waiting"] == 0
 
 
-# What a cancelled trial may take beyond the epoch it was in: the job-status read, storing its
-# outcome (a dozen writes before its completion time) and the scheduler of a busy machine.
+# What a cancelled trial may take beyond the epoch it was in: the job-status read (at most
+# CANCEL_POLL_MIN_S = 0.05 s late), storing its outcome (a dozen writes before its completion
+# time) and the scheduler of a busy machine.
 CANCEL_LATENCY_S = 0.3
 
 
