@@ -168,6 +168,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS_api_load.json"),
+                    help="where to write the figures as JSON (default: %(default)s)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -192,7 +194,9 @@ def main() -> None:
     report = {"clients": args.clients, "seconds": args.seconds, "cpus": os.cpu_count(),
               "service": svc.summary(), "bare_fastapi": base.summary(),
               "rps_ratio_service_over_bare": round(svc.rps / base.rps, 3) if base.rps else None}
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":
