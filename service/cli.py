@@ -152,8 +152,27 @@ def serve(
 
 
 @app.command()
-def worker() -> None:
+def worker(
+    check: Annotated[bool, typer.Option(
+        "--check", help="Run no worker: exit 0 if a worker on this host reported within the "
+        "last minute, 1 if none did (a container health check).")] = False,
+) -> None:
     """Run one standalone worker (start as many as you have cores, on any machine)."""
+    if check:
+        from service.jobs import open_database
+        from service.registry import WORKER_LIVE_WINDOW_S, live_workers
+
+        host = socket.gethostname()
+        try:
+            mine = [w for w in live_workers(open_database(_settings())) if w.hostname == host]
+        except Exception as exc:  # no database, no schema: unhealthy, said in one line
+            err.print(f"cannot read the worker registry: {type(exc).__name__}")
+            raise typer.Exit(1) from None
+        if not mine:
+            err.print(f"no worker on {host} reported in the last {WORKER_LIVE_WINDOW_S} s")
+            raise typer.Exit(1)
+        console.print(", ".join(f"{w.name} {w.state}" for w in mine))
+        return
     from service.worker import run_worker
 
     _setup_logging()

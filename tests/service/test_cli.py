@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 
 from tests.conftest import hptune
 
@@ -85,7 +86,6 @@ def test_embedded_workers_never_outlive_serve(tmp_path):
     import os
     import signal
     import subprocess
-    import time
 
     from tests.conftest import start_server
 
@@ -111,3 +111,19 @@ def test_embedded_workers_never_outlive_serve(tmp_path):
     while any(alive(k) for k in kids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(k) for k in kids)
+
+
+def test_worker_check_tells_a_live_worker_from_none(server, tmp_path):
+    """The compose health check: `hptune worker --check` passes while a worker on this host
+    reports, and fails in one line where none does or the database has no registry."""
+    deadline = time.monotonic() + 60  # the server's workers may still be starting
+    while (r := hptune("worker", "--check", env=server.env, check=False)).returncode:
+        assert time.monotonic() < deadline, r.stderr
+        time.sleep(1)
+    assert "worker-" in r.stdout
+    empty = {**server.env, "HPTUNE_DATABASE_URL": f"sqlite:///{tmp_path / 'empty.db'}"}
+    r = hptune("worker", "--check", env=empty, check=False)
+    assert r.returncode == 1 and "cannot read the worker registry" in r.stderr
+    hptune("db", "upgrade", env=empty)
+    r = hptune("worker", "--check", env=empty, check=False)
+    assert r.returncode == 1 and "no worker on" in r.stderr and "Traceback" not in r.stderr
