@@ -50,8 +50,8 @@ class DashboardGate:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers") or []}
         if scope["path"].rstrip("/") == LOGIN_PATH:
-            key = parse_qs(scope.get("query_string", b"").decode()).get("key", [""])[0]
-            await self._login(key, send)
+            query = parse_qs(scope.get("query_string", b"").decode())
+            await self._login(query.get("key", [""])[0], query.get("next", [""])[0], send)
             return
         key = _bearer(headers.get("authorization", "")) or _cookie(headers.get("cookie", ""))
         status = await anyio.to_thread.run_sync(self._check, key)
@@ -75,17 +75,26 @@ class DashboardGate:
         except Unauthorized:
             return 401
 
-    async def _login(self, key: str, send: Any) -> None:
+    async def _login(self, key: str, next_path: str, send: Any) -> None:
+        """Set the cookie and go to `next_path` (a dashboard page, e.g. a job's study
+        `/dashboard/studies/<n>`; anything else goes to the dashboard's start page)."""
         status = await anyio.to_thread.run_sync(self._check, key)
         if status != 200:
             await _json(send, status, "not an admin API key")
             return
+        target = next_path if _local_dashboard_path(next_path) else "/dashboard"
         cookie = f"{COOKIE}={key}; HttpOnly; SameSite=Strict; Path=/"
         await send({"type": "http.response.start", "status": 303,
-                    "headers": [(b"location", b"/dashboard"),
+                    "headers": [(b"location", target.encode()),
                                 (b"set-cookie", cookie.encode()),
                                 (b"content-length", b"0")]})
         await send({"type": "http.response.body", "body": b""})
+
+
+def _local_dashboard_path(path: str) -> bool:
+    """A path on this server under /dashboard (no scheme, host or `//`: no open redirect)."""
+    return (path.startswith("/dashboard/") and "//" not in path and "\\" not in path
+            and path.isascii() and path.isprintable())
 
 
 def _bearer(value: str) -> str | None:

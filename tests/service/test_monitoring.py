@@ -218,7 +218,7 @@ def _chromium(tmp_path, *args, timeout=90):
                     reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_and_dashboard_in_a_real_browser(finished, server, tmp_path):
     assert CHROMIUM, "HPTUNE_REQUIRE_BROWSER is set but chromium is missing"
-    client, job, _ = finished
+    client, job, study = finished
     html = client.get(f"/api/v1/jobs/{job['id']}/report", params={"format": "html"}).text
     page = tmp_path / "report.html"
     page.write_text(html)
@@ -237,6 +237,12 @@ def test_report_and_dashboard_in_a_real_browser(finished, server, tmp_path):
     _chromium(tmp_path, "--virtual-time-budget=15000", f"--screenshot={shot}",
               "--window-size=1400,900", login)
     assert shot.stat().st_size > 20_000
+    # A login link can land on the job's own study page, which shows what the job is: its
+    # name and spec, from the study's user attributes.
+    study_id = study._study_id
+    page = f"{login}&next=/dashboard/studies/{study_id}"
+    dom = _chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", page).stdout
+    assert f"job-{job['id']} (id={study_id})" in dom and job["name"] in dom, dom[:2000]
     print(f"screenshots: {tmp_path / 'report.png'} {shot}")
 
 
@@ -248,3 +254,14 @@ def test_dashboard_is_admin_only(server):
     admin = create_key(server.env, "root", admin=True)
     r = httpx.get(f"{server.url}/api/studies", headers={"Authorization": f"Bearer {admin}"})
     assert r.status_code == 200 and "study_summaries" in r.json()
+    # The login goes on to a dashboard page on this server, never elsewhere.
+    for nxt, target in (("/dashboard/studies/1", "/dashboard/studies/1"),
+                        ("//evil.example/x", "/dashboard"),
+                        ("https://evil.example", "/dashboard"),
+                        ("/dashboard/..//evil.example", "/dashboard"),
+                        ("/api/v1/jobs", "/dashboard")):
+        r = httpx.get(f"{server.url}/dashboard/login", params={"key": admin, "next": nxt})
+        assert r.status_code == 303 and r.headers["location"] == target, (nxt, r.headers)
+    r = httpx.get(f"{server.url}/dashboard/login", params={"key": user.headers["authorization"]
+                                                             .split()[1], "next": "/dashboard/x"})
+    assert r.status_code == 403 and "location" not in r.headers
