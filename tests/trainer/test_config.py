@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from trainer import TrainConfig
@@ -77,3 +78,36 @@ def test_valid_edge_values():
         dtype="float64",
         warmup_epochs=0.5,
     )
+
+
+def test_adam_defaults_are_the_textbook_constants():
+    cfg = TrainConfig()
+    assert (cfg.beta1, cfg.beta2, cfg.eps) == (0.9, 0.999, 1e-8)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_default_adam_steps_like_the_textbook_update(name):
+    """Kingma & Ba (2015), Algorithm 1, with beta1=0.9, beta2=0.999, eps=1e-8.
+
+    The first step alone is ~lr*sign(g) whatever the betas, so take several steps with
+    gradients that change scale (the betas then matter) and some ~1e-8 (eps then matters).
+    """
+    from trainer.optimizers import make_optimizer
+
+    lr = 1e-2
+    opt = make_optimizer(TrainConfig(optimizer=name, learning_rate=lr))
+    assert (opt.beta1, opt.beta2, opt.eps) == (0.9, 0.999, 1e-8)
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(50)
+    ref = p.copy()
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    scales = np.where(np.arange(50) % 5 == 0, 1e-8, 1.0)
+    for t, step_scale in enumerate([1.0, 10.0, 0.1, 3.0, 0.01], start=1):
+        g = rng.standard_normal(50) * scales * step_scale
+        opt.step([p], [g.copy()])
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        ref -= lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        np.testing.assert_allclose(p, ref, rtol=1e-12, atol=1e-15, err_msg=f"step {t}")
