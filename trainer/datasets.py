@@ -2,14 +2,23 @@
 caller-supplied arrays. Every split is deterministic for a given seed and standardised with
 the training split's statistics.
 
-scikit-learn is imported lazily inside the loaders only to read its bundled files.
+scikit-learn is imported lazily inside the loaders only to read its bundled files. The raw
+arrays of the bundled sets and of MNIST-1D are kept in an on-disk cache (`HPTUNE_CACHE_DIR`,
+default `~/.cache/hptune`; empty turns it off): a new worker process would otherwise spend
+1-2 s of CPU importing scikit-learn or generating MNIST-1D before its first trial.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +29,7 @@ MAX_CLASSES_INFERRED = 50  # integer targets with more distinct values are treat
 MNIST1D_SEED = 42  # generator seed of the MNIST-1D samples (the split seed is separate)
 MNIST1D_TEST_ROWS = 1000
 MNIST1D_VAL_FRACTION = 0.15  # of the 4000 non-test rows
+_MNIST1D_GENERATOR_VERSION = 1  # part of the disk-cache key: bump when the generator changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,13 +217,54 @@ def _apply(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- bundled sets
 
 
+def cache_dir() -> Path | None:
+    """Where raw dataset arrays are cached: $HPTUNE_CACHE_DIR, else ~/.cache/hptune (or under
+    $XDG_CACHE_HOME); None when HPTUNE_CACHE_DIR is set but empty."""
+    configured = os.environ.get("HPTUNE_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) if configured else None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hptune"
+
+
+def _disk_cached(key: str, make: Callable[[], tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) from the cache file for `key`, else made by `make` and stored there.
+
+    The file is written under a temporary name and renamed, so processes starting together
+    never read half a file; an unreadable file is made again. `key` must change whenever the
+    arrays would (it carries the generator's version).
+    """
+    folder = cache_dir()
+    if folder is None:
+        return make()
+    path = folder / f"{key}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return stored["X"], stored["y"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # absent or damaged: make it again
+    X, y = make()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            np.savez(fh, X=X, y=y)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only home: no cache, same arrays
+    return X, y
+
+
 @functools.cache
 def _sklearn_data(name: str) -> tuple[np.ndarray, np.ndarray]:
-    import sklearn.datasets  # lazy: only to read the files bundled with scikit-learn
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        import sklearn.datasets  # lazy: only to read the files bundled with scikit-learn
 
-    loader = getattr(sklearn.datasets, f"load_{name}")
-    bunch = loader()
-    return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+        bunch = getattr(sklearn.datasets, f"load_{name}")()
+        return np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target, dtype=np.int64)
+
+    return _disk_cached(f"{name}-scikit-learn-{metadata.version('scikit-learn')}", read)
 
 
 @functools.cache
@@ -288,7 +339,15 @@ def _gaussian_filter1d(x: np.ndarray, sigma: float) -> np.ndarray:
 
 @functools.cache
 def mnist1d_arrays(seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Generate the 5000 MNIST-1D samples (40 points each) and labels; cached per process.
+    """The 5000 MNIST-1D samples (40 points each) and labels; cached per process and on disk."""
+    recipe = repr((_MNIST1D_GENERATOR_VERSION, _MNIST1D_TEMPLATES, sorted(_MNIST1D_ARGS.items()),
+                   seed, np.__version__))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    return _disk_cached(f"mnist1d-{digest}", lambda: _generate_mnist1d(seed))
+
+
+def _generate_mnist1d(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generate the 5000 MNIST-1D samples (40 points each) and labels.
 
     Follows the reference generator: pad with 36-60 zeros, stretch to 72 points, scale,
     circularly translate, fill the background with correlated noise, add iid noise, shear,

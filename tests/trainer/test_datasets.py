@@ -128,3 +128,59 @@ def test_from_arrays_rejects_bad_task():
         from_arrays(X, y, task="binary")
     with pytest.raises(ValueError, match="numeric"):
         from_arrays(X, np.array(["a"] * 100, dtype=object), task="regression")
+
+
+# A new process loads a dataset, tells whether it imported scikit-learn and how often it
+# generated MNIST-1D, and saves what it loaded.
+_LOAD_IN_A_NEW_PROCESS = """
+import sys
+import numpy as np
+import trainer.datasets as d
+made = []
+generate = d._generate_mnist1d
+d._generate_mnist1d = lambda seed: made.append(seed) or generate(seed)
+data = d.load_dataset(sys.argv[1])
+np.savez(sys.argv[2], X=data.X_train, y=data.y_train, X_test=data.X_test)
+print("sklearn" in sys.modules, len(made))
+"""
+
+
+def _load_in_a_new_process(name, out, cache):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HPTUNE_CACHE_DIR": str(cache)}
+    run = subprocess.run([sys.executable, "-c", _LOAD_IN_A_NEW_PROCESS, name, str(out)],
+                         env=env, capture_output=True, text=True, check=True)
+    imported_sklearn, generated = run.stdout.split()
+    with np.load(out) as saved:
+        return imported_sklearn == "True", int(generated), {k: saved[k] for k in saved.files}
+
+
+@pytest.mark.parametrize("name, cold_work", [("digits", (True, 0)), ("mnist1d", (False, 1))])
+def test_disk_cache_spares_new_processes_the_work(tmp_path, name, cold_work):
+    cache = tmp_path / "cache"
+    *work, cold = _load_in_a_new_process(name, tmp_path / "cold.npz", cache)
+    assert tuple(work) == cold_work
+    assert len(list(cache.glob(f"{name}-*.npz"))) == 1
+    *work, warm = _load_in_a_new_process(name, tmp_path / "warm.npz", cache)
+    assert tuple(work) == (False, 0)  # neither scikit-learn nor the generator ran
+    for key in cold:
+        assert np.array_equal(cold[key], warm[key]), key
+    # Bit for bit what the generator or scikit-learn gives without a cache.
+    *work, uncached = _load_in_a_new_process(name, tmp_path / "off.npz", "")
+    assert tuple(work) == cold_work and not list(tmp_path.glob("*.tmp"))
+    for key in cold:
+        assert np.array_equal(cold[key], uncached[key]), key
+
+
+def test_a_damaged_cache_file_is_made_again(tmp_path):
+    cache = tmp_path / "cache"
+    *_, first = _load_in_a_new_process("mnist1d", tmp_path / "a.npz", cache)
+    (stored,) = cache.glob("mnist1d-*.npz")
+    stored.write_bytes(stored.read_bytes()[:1000])  # cut short, as by a full disk
+    _, generated, again = _load_in_a_new_process("mnist1d", tmp_path / "b.npz", cache)
+    assert generated == 1 and np.array_equal(first["X"], again["X"])
+    _, generated, _ = _load_in_a_new_process("mnist1d", tmp_path / "c.npz", cache)
+    assert generated == 0  # repaired
