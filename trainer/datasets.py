@@ -223,7 +223,12 @@ def cache_dir() -> Path | None:
     configured = os.environ.get("HPTUNE_CACHE_DIR")
     if configured is not None:
         return Path(configured) if configured else None
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no home directory to be found: no cache
+            return None
     return Path(base) / "hptune"
 
 
