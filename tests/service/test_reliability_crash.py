@@ -139,12 +139,18 @@ def test_api_reaps_dead_trials_while_no_worker_is_alive(cluster, module_backend,
             f"dead trials failed by the API after {took:.1f} s (grace {grace_s:g} s)")
     assert took >= grace_s - heartbeat_s, "failed before its grace period ran out"
     assert not cluster.live_workers()
-    trials = {t["number"]: t for t in cluster.trials(job_id)}
+    # Their parameters wait for the next worker, linked to the trials they retry (each trial
+    # is failed, then its retry queued: the second step may trail the first by a moment).
+    while True:
+        trials = {t["number"]: t for t in cluster.trials(job_id)}
+        retries = {t["details"]["retry_of"]: t for t in trials.values()
+                   if "retry_of" in t["details"]}
+        if set(retries) == victims or time.monotonic() - killed_at > limit_s:
+            break
+        time.sleep(0.2)
     for number in victims:
         assert trials[number]["state"] == "FAIL", trials[number]
         assert trials[number]["stop_reason"] == "failed", trials[number]
-    # Their parameters wait for the next worker, linked to the trials they retry.
-    retries = {t["details"]["retry_of"]: t for t in trials.values() if "retry_of" in t["details"]}
     assert set(retries) == victims, trials
     assert all(t["state"] == "WAITING" for t in retries.values()), retries
     with cluster.client() as c:  # leave nothing for the next test's workers
