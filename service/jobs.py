@@ -29,6 +29,7 @@ from search.study import sampler_available
 from service.db import Database, retrying
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, as_utc, utcnow
+from service.procs import WORKER_PROCESS_ATTR, process_gone
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -635,6 +636,15 @@ def _reap_job(db: Database, job: Job) -> None:
     import datetime as _dt
 
     study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
+    if db.settings.reap_gone_processes:
+        # Trials whose worker process this host can see is gone: FAIL at once, no grace.
+        running = retrying(lambda: db.storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.RUNNING,)))
+        for t in running:
+            identity = t.system_attrs.get(WORKER_PROCESS_ATTR)
+            if identity and process_gone(identity):
+                fail_trial(db, study, t._trial_id, error="its worker process is gone")
+                # the retry follows below
     # Heartbeat-stale trials: FAIL, then the storage's callback queues their retry.
     retrying(lambda: optuna.storages.fail_stale_trials(study))
     # Trials that never beat at all (the worker died right after creating them).

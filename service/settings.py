@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     # grace_period is failed and retried.
     heartbeat_interval: int = Field(default=5, ge=1)
     grace_period: int = Field(default=20, ge=2)
+    # A reaper fails at once, without waiting for grace_period, a trial whose worker process
+    # it can see is gone (same host and PID namespace; see service/procs.py).
+    reap_gone_processes: bool = True
     # Times a crashed trial's parameters are retried before the slot goes to a new sample.
     max_trial_retries: int = Field(default=2, ge=0)
     # Seconds an idle worker waits between looks for work.

@@ -28,6 +28,7 @@ from service import jobs
 from service.datasets import load_job_dataset
 from service.db import Database, JobLock, is_transient
 from service.errors import DatabaseUnavailable
+from service.procs import WORKER_PROCESS_ATTR, process_identity
 from service.settings import Settings
 
 log = logging.getLogger("hptune.worker")
@@ -113,6 +114,7 @@ class Worker:
         self._studies: dict[str, optuna.Study] = {}
         # The job this worker ran its last trial for.
         self._current: jobs.Candidate | None = None
+        self._identity = process_identity()
 
     def _study(self, claim: jobs.Claim) -> optuna.Study:
         """The claim's study, with a sampler seeded by the claim number."""
@@ -137,12 +139,20 @@ class Worker:
     def run(self, max_trials: int | None = None) -> None:
         """Loop until stopped (or until `max_trials` trials have run)."""
         log.info("%s started", self.name)
-        last_reap = 0.0
+        last_reap = -math.inf  # reap before the first claim: a replacement finds at once the
+        # trials of the worker it replaces (service.procs)
         errors = 0
         busy = False
         self._announce("idle", force=True)
         with threadpool_limits(limits=1):
             while not self.stopping:
+                if time.monotonic() - last_reap > REAP_INTERVAL_S:
+                    # Busy or idle, workers reap too: a dead peer's trial is retried sooner.
+                    last_reap = time.monotonic()
+                    try:
+                        jobs.reap(self.db)
+                    except Exception as exc:
+                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
                 try:
                     ran = self.run_one()
                     errors = 0
@@ -156,13 +166,6 @@ class Worker:
                         log.debug("traceback", exc_info=exc)
                     self._stop.wait(delay)
                     continue
-                if time.monotonic() - last_reap > REAP_INTERVAL_S:
-                    # Busy or idle, workers reap too: a dead peer's trial is retried sooner.
-                    last_reap = time.monotonic()
-                    try:
-                        jobs.reap(self.db)
-                    except Exception as exc:
-                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
                 if ran:
                     busy = True
                     if max_trials is not None and self.trials_run >= max_trials:
@@ -249,6 +252,9 @@ class Worker:
             started.append(trial)
             try:  # a first beat before anything else, so the reaper sees the trial alive
                 db.storage.record_heartbeat(trial._trial_id)
+                if self._identity:  # lets a reaper on this host see at once if we die
+                    db.storage.set_trial_system_attr(trial._trial_id, WORKER_PROCESS_ATTR,
+                                                     self._identity)
             except Exception as exc:
                 log.warning("first heartbeat of trial %s failed: %s", trial.number,
                             _one_line(exc))

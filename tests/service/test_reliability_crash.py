@@ -4,7 +4,8 @@ SIGTERM hands the running trial back within an epoch; a trial whose worker died 
 after the grace period and its parameters retried (linked to the original), by the API's
 reaper alone when no worker is left; a trial that crashes its worker every time is retried at
 most the limit; a cancel stops running trials within an epoch; a cancelled or timed-out job
-keeps nothing RUNNING. Each runs once per storage backend.
+keeps nothing RUNNING; on the dead worker's own host its trial is failed without waiting for
+the grace period. Each runs once per storage backend.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ LONG_JOB = {
 
 
 # Every worker of this module's cluster crashes hard on a trial with batch_size 33 (a value
-# only the poison jobs below search), and a crashed trial is retried once.
-CRASH_ENV = {"HPTUNE_TEST_CRASH_ON_PARAM": "batch_size=33", "HPTUNE_MAX_TRIAL_RETRIES": "1"}
+# only the poison jobs below search), and a crashed trial is retried once. The shared cluster
+# tests the heartbeat path, the only one for workers on other machines: its reapers do not
+# look for gone processes on their own host (tested on its own at the end).
+CRASH_ENV = {"HPTUNE_TEST_CRASH_ON_PARAM": "batch_size=33", "HPTUNE_MAX_TRIAL_RETRIES": "1",
+             "HPTUNE_REAP_GONE_PROCESSES": "false"}
 MAX_RETRIES = 1
 
 
@@ -270,3 +274,37 @@ def test_timeout_ends_the_job_cleanly(cluster):
     assert job["finished"] < 20
     started = job["started_at"] and job["finished_at"]
     assert started
+
+
+def test_a_gone_worker_process_is_reaped_without_waiting_for_the_grace_period(
+        backend, cluster_factory, measure):
+    """On the worker's own host a reaper sees that its process is gone (kill -9) and fails
+    the trial at once: with a 60 s grace period, the API alone retries it within seconds, and
+    a replacement worker runs the retry."""
+    cluster = cluster_factory(backend.url, HPTUNE_GRACE_PERIOD="60")
+    cluster.start_api()
+    cluster.start_workers(2)
+    job_id = cluster.submit(LONG_JOB)
+    _wait_running(cluster, job_id, 2)
+    for w in cluster.live_workers():
+        cluster.kill_worker(w, signal.SIGKILL)
+        w.proc.wait()
+    killed_at = time.monotonic()
+    victims = {t["number"] for t in cluster.trials(job_id) if t["state"] == "RUNNING"}
+    assert victims, "the kill must catch trials running"
+    while True:
+        trials = {t["number"]: t for t in cluster.trials(job_id)}
+        retried = {t["details"]["retry_of"] for t in trials.values() if "retry_of" in t["details"]}
+        if retried == victims:
+            break
+        assert time.monotonic() - killed_at < REAP_INTERVAL_S + 10, (trials, cluster.logs())
+        time.sleep(0.2)
+    took = time.monotonic() - killed_at
+    measure("reap_gone_process_s", f"{backend.name}: {len(victims)} trials of killed workers "
+            f"failed and queued again by the API after {took:.1f} s (grace 60 s)")
+    for number in victims:
+        assert trials[number]["state"] == "FAIL", trials[number]
+        assert trials[number]["details"].get("error") == "its worker process is gone"
+    cluster.start_workers(2)
+    job = cluster.wait_job(job_id, timeout_s=120)
+    assert job["status"] == "succeeded" and job["finished"] == LONG_JOB["n_trials"], job
