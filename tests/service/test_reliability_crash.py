@@ -67,6 +67,18 @@ def _wait_running(cluster, job_id: int, n: int, timeout_s: float = 60) -> dict:
     raise AssertionError(f"fewer than {n} trials running\n{cluster.logs()}")
 
 
+def _kill_every_worker_mid_trial(cluster, job_id: int) -> tuple[set[int], float]:
+    """SIGKILL every live worker while two of the job's trials run; (their numbers, when)."""
+    _wait_running(cluster, job_id, 2)
+    for w in cluster.live_workers():
+        cluster.kill_worker(w, signal.SIGKILL)
+        w.proc.wait()
+    killed_at = time.monotonic()
+    victims = {t["number"] for t in cluster.trials(job_id) if t["state"] == "RUNNING"}
+    assert victims, "the kill must catch trials running"
+    return victims, killed_at
+
+
 def test_sigterm_hands_the_trial_back_within_an_epoch(cluster, module_backend, check_trials):
     stopped, other = cluster.live_workers()[:2]
     job_id = cluster.submit(LONG_JOB)
@@ -124,13 +136,7 @@ def test_api_reaps_dead_trials_while_no_worker_is_alive(cluster, module_backend,
     """kill -9 every worker mid-trial and start none: the API's own reaper fails the stale
     RUNNING trials after the grace period and queues their retries."""
     job_id = cluster.submit(LONG_JOB)
-    _wait_running(cluster, job_id, 2)
-    for w in cluster.live_workers():
-        cluster.kill_worker(w, signal.SIGKILL)
-        w.proc.wait()
-    killed_at = time.monotonic()
-    victims = {t["number"] for t in cluster.trials(job_id) if t["state"] == "RUNNING"}
-    assert victims, "the kill must catch trials running"
+    victims, killed_at = _kill_every_worker_mid_trial(cluster, job_id)
     heartbeat_s = float(CLUSTER_ENV["HPTUNE_HEARTBEAT_INTERVAL"])
     grace_s = float(CLUSTER_ENV["HPTUNE_GRACE_PERIOD"])
     # A beat at most one interval before the kill, the grace period, then the reaper's round.
@@ -285,13 +291,7 @@ def test_a_gone_worker_process_is_reaped_without_waiting_for_the_grace_period(
     cluster.start_api()
     cluster.start_workers(2)
     job_id = cluster.submit(LONG_JOB)
-    _wait_running(cluster, job_id, 2)
-    for w in cluster.live_workers():
-        cluster.kill_worker(w, signal.SIGKILL)
-        w.proc.wait()
-    killed_at = time.monotonic()
-    victims = {t["number"] for t in cluster.trials(job_id) if t["state"] == "RUNNING"}
-    assert victims, "the kill must catch trials running"
+    victims, killed_at = _kill_every_worker_mid_trial(cluster, job_id)
     while True:
         trials = {t["number"]: t for t in cluster.trials(job_id)}
         retried = {t["details"]["retry_of"] for t in trials.values() if "retry_of" in t["details"]}
