@@ -68,8 +68,19 @@ def _wait_running(cluster, job_id: int, n: int, timeout_s: float = 60) -> dict:
 
 
 def _kill_every_worker_mid_trial(cluster, job_id: int) -> tuple[set[int], float]:
-    """SIGKILL every live worker while two of the job's trials run; (their numbers, when)."""
-    _wait_running(cluster, job_id, 2)
+    """SIGKILL every live worker while two of the job's trials run; (their numbers, when).
+
+    Waits until each running trial has reported an epoch: by then its worker has stamped it
+    with its process identity and beaten once (a worker killed in the milliseconds before is
+    left to the heartbeat's grace period)."""
+    deadline = time.monotonic() + 60
+    while True:
+        _wait_running(cluster, job_id, 2)
+        running = [t for t in cluster.trials(job_id) if t["state"] == "RUNNING"]
+        if len(running) >= 2 and all(t["intermediate_values"] for t in running):
+            break
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.05)
     for w in cluster.live_workers():
         cluster.kill_worker(w, signal.SIGKILL)
         w.proc.wait()
