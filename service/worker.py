@@ -287,8 +287,8 @@ class Worker:
                 jobs.refresh_job(db, claim.job_id)  # marks the job timed out
                 return stop_with(jobs.TIMED_OUT)
             # A cancel stops the trial within one epoch plus CANCEL_POLL_MIN_S: the status is
-            # read at every epoch end, but not more often than that (one read costs ~1.5 ms
-            # on PostgreSQL, a third of a 5 ms epoch).
+            # read at every epoch end, but not more often than that (very short epochs would
+            # otherwise pay a database round trip each).
             now = time.monotonic()
             if now - last_status_read[0] >= CANCEL_POLL_MIN_S:
                 last_status_read[0] = now
