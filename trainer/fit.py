@@ -78,8 +78,9 @@ def make_rngs(seed: int) -> Rngs:
     """The run's random streams; fit uses exactly these, so tests can replay them.
 
     The noise stream, which draws a random 16-bit integer per hidden unit and row for
-    dropout, runs on SFC64, numpy's fastest bit generator (about 25% faster here than the
-    default PCG64 for this volume; both pass BigCrush).
+    dropout, runs on numpy's SFC64 bit generator (Small Fast Chaotic; at least 2**64 draws
+    per seed before any repeat), which makes those bits about 25% faster here than the
+    default PCG64 (benchmarks/RESULTS_trainer.md).
     """
     init, shuffle, noise = np.random.SeedSequence(seed).spawn(3)
     return Rngs(
