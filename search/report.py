@@ -248,12 +248,12 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
     saved["full_budget_epochs"] = full_epochs
     saved["full_budget_seconds"] = round(full_seconds, 3)
     for kind in ("pruned", "early_stopped"):
-        saved[f"{kind}_epochs"] = _tidy(saved[f"{kind}_epochs"])
-        saved[f"{kind}_seconds"] = round(saved[f"{kind}_seconds"], 3)
-        saved[f"{kind}_epochs_share"] = (
-            round(saved[f"{kind}_epochs"] / full_epochs, 4) if full_epochs else 0.0)
-        saved[f"{kind}_seconds_share"] = (
-            round(saved[f"{kind}_seconds"] / full_seconds, 4) if full_seconds else 0.0)
+        # Shares from the exact sums; the figures shown are rounded afterwards.
+        epochs, seconds = saved[f"{kind}_epochs"], saved[f"{kind}_seconds"]
+        saved[f"{kind}_epochs"] = _tidy(epochs)
+        saved[f"{kind}_seconds"] = round(seconds, 3)
+        saved[f"{kind}_epochs_share"] = round(epochs / full_epochs, 4) if full_epochs else 0.0
+        saved[f"{kind}_seconds_share"] = round(seconds / full_seconds, 4) if full_seconds else 0.0
 
     starts = [t.datetime_start for t in trials if t.datetime_start]
     audit = pruning_audit(rows, maximize)
