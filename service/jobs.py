@@ -26,7 +26,7 @@ from search import (
 from search.datasets import bundled_names
 from search.spec import in_space
 from search.study import sampler_available
-from service.db import Database, retrying
+from service.db import SLOT_STATES, Database, retrying
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, as_utc, utcnow
 from service.procs import WORKER_PROCESS_ATTR, process_gone
@@ -439,7 +439,13 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
         if deadline is not None and _time.time() >= deadline:
             refresh_job(db, job_id)  # timed out: no new trial starts
             return None
-        in_use = db.slots_in_use([job.study_name]).get(job.study_name, 0)
+        counts = db.trial_state_counts(job.study_name)
+        # A job past its crash limit starts nothing more: without this check, claims racing
+        # the reaper's refresh could keep sampling trials that crash.
+        if (counts.get("FAIL", 0) > job.n_trials * (db.settings.max_trial_retries + 1)
+                and refresh_job(db, job_id) not in ACTIVE):
+            return None
+        in_use = sum(counts.get(state, 0) for state in SLOT_STATES)
         if in_use >= job.n_trials:
             return None
         with db.session() as s:
