@@ -18,7 +18,7 @@ OUTAGE_JOB = {
     "name": "outage",
     "dataset": "digits",
     "n_trials": 20,
-    "max_epochs": 10,
+    "max_epochs": 40,
     "search_space": {"batch_size": {"choices": [64, 128]}},
     "sampler": {"name": "random", "seed": 5},
     "pruner": {"name": "none"},

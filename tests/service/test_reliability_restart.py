@@ -14,7 +14,7 @@ MID_JOB = {
     "name": "restart",
     "dataset": "digits",
     "n_trials": 12,
-    "max_epochs": 8,
+    "max_epochs": 40,
     "search_space": {"batch_size": {"choices": [64, 128]}},
     "sampler": {"name": "tpe", "seed": 2, "n_startup_trials": 4},
     "pruner": {"name": "none"},
