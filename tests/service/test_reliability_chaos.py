@@ -28,7 +28,8 @@ CHAOS_JOB = {
     "name": "chaos",
     "dataset": "digits",
     "n_trials": N_TRIALS,
-    "max_epochs": 8,
+    # Long enough (about 15 s undisturbed on two cores) for several kills at KILL_EVERY_S.
+    "max_epochs": 16,
     "search_space": {"batch_size": {"choices": [64]}},
     "sampler": {"name": "random", "seed": 11},
     "pruner": {"name": "none"},
