@@ -424,6 +424,8 @@ def claimable_jobs(db: Database, limit: int = 50) -> list[Candidate]:
 def claim_slot(db: Database, job_id: int) -> Claim | None:
     """Take one of the job's slots if one is free; None if the job is full or not active.
 
+    A job past its crash limit (see refresh_job) is failed here rather than given a slot.
+
     The caller must hold `db.job_lock(job_id)` from before this call until its trial exists
     in the study (Optuna's ask returned), so that no other claim counts in between.
     """

@@ -203,7 +203,7 @@ class MLP:
             if relu:
                 np.maximum(z, ws.zeros[: z.shape[0]], out=z)  # a is z
             else:
-                self._activate(z, a, ws)
+                self._activate(z, a)
             if masks_t is not None and masks_t[i] is not None:
                 a *= masks_t[i]
             h = ws.h[i]
@@ -211,11 +211,10 @@ class MLP:
         np.matmul(layers_t[-1], h, out=z)
         return z
 
-    def _activate(self, z: np.ndarray, a: np.ndarray, ws: _Workspace) -> None:
+    def _activate(self, z: np.ndarray, a: np.ndarray) -> None:
+        """a = activation(z) for the activations other than relu (done in place in _forward)."""
         act = self.activation
-        if act == "relu":
-            np.maximum(z, ws.zeros[: z.shape[0]], out=a)
-        elif act == "leaky_relu":
+        if act == "leaky_relu":
             np.multiply(z, LEAKY_SLOPE, out=a)
             np.maximum(z, a, out=a)
         elif act == "tanh":
