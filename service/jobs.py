@@ -444,7 +444,7 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
         counts = db.trial_state_counts(job.study_name)
         # A job past its crash limit starts nothing more: without this check, claims racing
         # the reaper's refresh could keep sampling trials that crash.
-        if (counts.get("FAIL", 0) > job.n_trials * (db.settings.max_trial_retries + 1)
+        if (counts.get("FAIL", 0) > _crash_limit(db, job.n_trials)
                 and refresh_job(db, job_id) not in ACTIVE):
             return None
         in_use = sum(counts.get(state, 0) for state in SLOT_STATES)
@@ -498,6 +498,11 @@ def _set_status(db: Database, job_id: int, status: str, error: str | None) -> No
     retrying(attempt)
 
 
+def _crash_limit(db: Database, n_trials: int) -> int:
+    """Crashed trials a job may have; one more fails it (every trial and all its retries)."""
+    return n_trials * (db.settings.max_trial_retries + 1)
+
+
 def refresh_job(db: Database, job_id: int) -> str | None:
     """Settle an active job's status from its trials and clock.
 
@@ -523,10 +528,10 @@ def refresh_job(db: Database, job_id: int) -> str | None:
         new = "failed"
         error = (f"timed out after {job.spec.get('timeout_seconds'):g} s with {finished} of "
                  f"{job.n_trials} trials finished")
-    elif c.get("FAIL", 0) > job.n_trials * (db.settings.max_trial_retries + 1):
+    elif c.get("FAIL", 0) > _crash_limit(db, job.n_trials):
         crashed = [t for t in study_trials(db, job) if t.state == TrialState.FAIL
                    and t.user_attrs.get(STOP_CAUSE) != HANDED_BACK]
-        if len(crashed) > job.n_trials * (db.settings.max_trial_retries + 1):
+        if len(crashed) > _crash_limit(db, job.n_trials):
             new, error = "failed", f"{len(crashed)} trials failed"
     if new:
         _set_status(db, job_id, new, error)

@@ -79,8 +79,8 @@ def make_rngs(seed: int) -> Rngs:
 
     The noise stream, which draws a random 16-bit integer per hidden unit and row for
     dropout, runs on numpy's SFC64 bit generator (Small Fast Chaotic; at least 2**64 draws
-    per seed before any repeat), which makes those bits about 25% faster here than the
-    default PCG64 (benchmarks/RESULTS_trainer.md).
+    per seed before any repeat), which draws those bits in about 20% less time here than
+    the default PCG64 (benchmarks/trainer_profile.py).
     """
     init, shuffle, noise = np.random.SeedSequence(seed).spawn(3)
     return Rngs(

@@ -59,9 +59,10 @@ class _Workspace:
         else:
             self.z = [np.empty((w, n), dt) for w in widths]
         self.xa: np.ndarray | None = None  # (n, n_inputs + 1) staging for raw inputs
-        # ReLU is np.maximum(z, zeros): against an array of zeros it runs vectorised, about
-        # 3x faster than against the scalar 0 (numpy 2.4, float32).
-        self.zeros = np.zeros((max(widths), n), dt)
+        # ReLU is np.maximum(z, zeros): against an array of zeros numpy 2.4 runs it about 3x
+        # faster than against the scalar 0 (benchmarks/trainer_profile.py).
+        if net.activation == "relu" and hidden:
+            self.zeros = np.zeros((max(hidden), n), dt)
         if not train:
             return
         self.d = [np.empty((w, n), dt) for w in hidden]  # d loss / d hidden output
