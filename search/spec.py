@@ -18,21 +18,37 @@ ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts", "onecycle")
 
+# Bounds on what one job may ask of a worker (README, "The job spec"): every list has a
+# length, every width a ceiling, so that a trial's size is known before it runs.
+MAX_CHOICES = 32  # items of a categorical dimension's `choices`
+MAX_LAYERS = 8  # hidden layers (model.hidden_layers, search_space.n_layers.high)
+MAX_LAYER_WIDTH = 4096  # units of one hidden layer
+MAX_BATCH_SIZE = 65_536  # rows of one mini-batch
+MIN_REPORT_EVERY = 100  # examples between two reports (pruner.report_every)
+MAX_WARM_CONFIGS = 100  # warm_start.configs
+
+
+# Control characters (Cc), format characters (Cf: bidi overrides and isolates, zero-width
+# spaces and joiners, soft hyphens), lone surrogates (Cs), line and paragraph separators.
+_NOT_IN_NAMES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
 
 def control_character(text: str) -> str | None:
-    """The first control character (NUL, newline, ...) or lone surrogate in `text`, as U+XXXX.
+    """The first control or format character (NUL, newline, U+202E, ...) or lone surrogate in
+    `text`, as U+XXXX.
 
-    Names are one line of text that every database can store: PostgreSQL refuses NUL in text
-    and a lone surrogate cannot be encoded at all.
+    Names are one line of text that every database can store and that reads as it is:
+    PostgreSQL refuses NUL in text, a lone surrogate cannot be encoded at all, and a bidi
+    override or a zero-width character makes a name show as something it is not.
     """
-    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
+    bad = next((c for c in text if unicodedata.category(c) in _NOT_IN_NAMES), None)
     return None if bad is None else f"U+{ord(bad):04X}"
 
 
 def _plain_text(text: str) -> str:
     bad = control_character(text)
     if bad is not None:
-        raise ValueError(f"must not contain control characters (found {bad})")
+        raise ValueError(f"must not contain control or format characters (found {bad})")
     return text
 
 
@@ -59,9 +75,10 @@ class FloatRange(_Strict):
 
 
 class IntChoices(_Strict):
-    """A categorical dimension over integers (batch sizes)."""
+    """A categorical dimension over integers (batch sizes, layer widths)."""
 
-    choices: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
+    choices: list[Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]] = Field(
+        min_length=1, max_length=MAX_CHOICES)
 
     @field_validator("choices")
     @classmethod
@@ -71,10 +88,18 @@ class IntChoices(_Strict):
         return v
 
 
+class LayerWidths(IntChoices):
+    """Widths a hidden layer may take."""
+
+    choices: list[Annotated[int, Field(gt=0, le=MAX_LAYER_WIDTH)]] = Field(
+        min_length=1, max_length=MAX_CHOICES)
+
+
 class StrChoices(_Strict):
     """A categorical dimension over names (optimizers, schedules, activations)."""
 
-    choices: list[str] = Field(min_length=1, max_length=20)
+    choices: list[Annotated[str, Field(max_length=50)]] = Field(min_length=1,
+                                                               max_length=MAX_CHOICES)
 
     @field_validator("choices")
     @classmethod
@@ -103,11 +128,17 @@ class Fixed(_Strict):
     value: float
 
 
+class FixedBatchSize(Fixed):
+    """A batch size held at one value."""
+
+    value: float = Field(ge=1, le=MAX_BATCH_SIZE)
+
+
 class SearchSpace(_Strict):
     """Bounds of the four core dimensions; each may be fixed instead of searched."""
 
     learning_rate: FloatRange | Fixed = FloatRange(low=1e-4, high=0.3, log=True)
-    batch_size: IntChoices | Fixed = IntChoices(choices=[16, 32, 64, 128, 256])
+    batch_size: IntChoices | FixedBatchSize = IntChoices(choices=[16, 32, 64, 128, 256])
     dropout: FloatRange | Fixed = FloatRange(low=0.0, high=0.6)
     weight_decay: FloatRange | Fixed = FloatRange(low=1e-6, high=1e-2, log=True)
     # Optional dimensions; when absent the job's `model` fixes them. `momentum` is searched
@@ -117,7 +148,7 @@ class SearchSpace(_Strict):
     schedule: StrChoices | None = None
     activation: StrChoices | None = None
     n_layers: IntRange | None = Field(default=None, description="number of hidden layers")
-    layer_width: IntChoices | None = Field(default=None, description="width of each layer")
+    layer_width: LayerWidths | None = Field(default=None, description="width of each layer")
 
     @model_validator(mode="after")
     def _check_names(self) -> SearchSpace:
@@ -131,8 +162,8 @@ class SearchSpace(_Strict):
             raise ValueError("momentum must lie in [0, 1)")
         if (self.n_layers is None) != (self.layer_width is None):
             raise ValueError("n_layers and layer_width are searched together")
-        if self.n_layers and self.n_layers.high > 8:
-            raise ValueError("n_layers.high must be <= 8")
+        if self.n_layers and self.n_layers.high > MAX_LAYERS:
+            raise ValueError(f"n_layers.high must be <= {MAX_LAYERS}")
         return self
 
     @model_validator(mode="after")
@@ -178,20 +209,22 @@ class PrunerSpec(_Strict):
     resource: Literal["epochs", "examples"] = "epochs"
     # With resource "examples": report the metric every this many examples; None: at the end
     # of each epoch (at examples = epochs x training rows).
-    report_every: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    # At least MIN_REPORT_EVERY: each report is a database write and a pruning check (and a
+    # batch that passes several multiples reports once).
+    report_every: int | None = Field(default=None, ge=MIN_REPORT_EVERY, le=2**31 - 1)
     # Successive halving and Hyperband: the first rung, and the keep-one-in-N factor.
-    min_resource: int = Field(default=1, ge=1)
+    min_resource: int = Field(default=1, ge=1, le=2**31 - 1)
     reduction_factor: int = Field(default=3, ge=2, le=10)
     # Median and percentile: completed trials needed before pruning starts, epochs to wait.
-    n_startup_trials: int = Field(default=5, ge=0)
-    n_warmup_steps: int = Field(default=2, ge=0)
+    n_startup_trials: int = Field(default=5, ge=0, le=10_000)
+    n_warmup_steps: int = Field(default=2, ge=0, le=2**31 - 1)
     # Percentile: keep the trials above this percentile at each epoch.
     percentile: float = Field(default=25.0, gt=0, lt=100)
     # Threshold: prune when the metric leaves [lower, upper].
     lower: float | None = None
     upper: float | None = None
     # Patient: wait this many epochs without improvement before asking `wrapped`.
-    patience: int = Field(default=2, ge=0)
+    patience: int = Field(default=2, ge=0, le=10_000)
     min_delta: float = Field(default=0.0, ge=0)
     wrapped: PrunerSpec | None = None
 
@@ -221,7 +254,7 @@ class WarmStartSpec(_Strict):
     the geometric middle of log ranges, the middle of linear ones, the middle choice.
     """
 
-    configs: list[dict[str, float]] = Field(default=[], max_length=100)
+    configs: list[dict[str, float]] = Field(default=[], max_length=MAX_WARM_CONFIGS)
     from_job: int | None = Field(default=None, ge=1, le=2**31 - 1)
     top_k: int = Field(default=5, ge=1, le=100)
     center: bool = True
@@ -237,13 +270,13 @@ class WarmStartSpec(_Strict):
 
 
 class EarlyStoppingSpec(_Strict):
-    patience: int | None = Field(default=None, ge=1)
+    patience: int | None = Field(default=None, ge=1, le=10_000)
     min_delta: float = Field(default=0.0, ge=0.0)
 
 
 class ModelSpec(_Strict):
-    hidden_layers: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
-        default=[128, 64], max_length=8
+    hidden_layers: list[Annotated[int, Field(ge=1, le=MAX_LAYER_WIDTH)]] = Field(
+        default=[128, 64], max_length=MAX_LAYERS
     )
     activation: Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"] = "relu"
     optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"] = (
@@ -262,7 +295,8 @@ class JobSpec(_Strict):
     name: Annotated[str, AfterValidator(_plain_text)] = Field(default="job", min_length=1,
                                                               max_length=200)
     # A bundled dataset name or the id of an uploaded one.
-    dataset: str | int = "digits"
+    dataset: Annotated[str, Field(max_length=200)] | Annotated[int, Field(ge=1, le=2**31 - 1)] = (
+        "digits")
     n_trials: int = Field(default=20, ge=1, le=10_000)
     max_epochs: int = Field(default=30, ge=1, le=1_000)
     metric: Literal["val_accuracy", "val_loss", "val_rmse", "val_r2"] = "val_accuracy"
@@ -276,6 +310,7 @@ class JobSpec(_Strict):
     # tell how often the pruner threw away a winner. Audited trials never count as best.
     audit_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # None: the service's HPTUNE_DEFAULT_TIMEOUT_SECONDS, written into the stored spec.
     timeout_seconds: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
     @field_validator("dataset")

@@ -387,6 +387,14 @@ def run_trial(
             return not audit
         return False
 
+    def on_examples(mark: int, metrics: dict[str, float]) -> bool:
+        # A batch that passes several multiples of report_every reports once, at the last of
+        # them: never more than one database write and pruning check per mini-batch.
+        every = config.eval_every_examples
+        if mark != int(metrics["examples"]) // every * every:
+            return False
+        return report(mark, metrics)
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
         if not by_examples:
             return report(epoch, metrics)
@@ -397,7 +405,7 @@ def run_trial(
 
     try:
         result = fit(config, data, on_epoch=on_epoch,
-                     on_examples=report if by_examples else None)
+                     on_examples=on_examples if by_examples else None)
     except BaseException as exc:
         trial.set_user_attr(ATTR_STOP_REASON, FAILED)
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])

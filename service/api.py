@@ -23,6 +23,7 @@ from fastapi.responses import (
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -38,8 +39,9 @@ from service.errors import (
     Unauthorized,
 )
 from service.keys import authenticate
+from service.limits import OwnerSlots
 from service.metrics import metrics_registry, render
-from service.middleware import BodySizeLimit
+from service.middleware import ApiKeyGate, BodyLimit, SecurityHeaders
 from service.models import ApiKey
 from service.schemas import (
     DatasetPublic,
@@ -58,6 +60,13 @@ REAP_INTERVAL_S = 5.0
 
 _bearer = HTTPBearer(auto_error=False)
 
+# The HTML report is one self-contained page: inline styles and data: images, no script.
+REPORT_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
+
+# Paths outside /api/v1 that need an admin key: the metrics tell about every owner.
+ADMIN_PATHS = ("/metrics",)
+
 # Ids are database integers: bounded so that a huge number is a 422, not a driver overflow.
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 ReportFormat = Literal["json", "html", "csv"]
@@ -74,6 +83,29 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def no_unknown_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare: a typo (`?limt=5`) should be told,
+    not silently ignored."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in _query_params(dependant)}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise RequestValidationError([
+            {"loc": ("query", name), "msg": f"unknown query parameter; known: "
+             f"{', '.join(sorted(known)) or 'none'}", "type": "extra_forbidden"}
+            for name in unknown[:10]])
+
+
+def _query_params(dependant: Any) -> list[Any]:
+    out = list(dependant.query_params)
+    for sub in dependant.dependencies:
+        out += _query_params(sub)
+    return out
+
+
 def get_db(request: Request) -> Database:
     return request.app.state.db
 
@@ -82,13 +114,25 @@ DbDep = Annotated[Database, Depends(get_db)]
 
 
 def current_key(
+    request: Request,
     db: DbDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
+    """The request's key: ApiKeyGate checked it before the body was read."""
+    key = getattr(request.state, "api_key", None)
+    if key is not None:
+        return key
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    return lookup_key(db, creds.credentials)
+
+
+def lookup_key(db: Database, token: str) -> ApiKey:
+    """The live key row for `token` (detached from its session), or Unauthorized."""
     with db.session() as s:
-        return authenticate(s, creds.credentials)
+        row = authenticate(s, token)
+        s.expunge(row)
+        return row
 
 
 KeyDep = Annotated[ApiKey, Depends(current_key)]
@@ -100,6 +144,30 @@ def owner_scope(key: KeyDep) -> str | None:
 
 
 OwnerDep = Annotated[str | None, Depends(owner_scope)]
+
+
+def _held_stream(slots: OwnerSlots, owner: str, stream: AsyncIterator[str]
+                 ) -> StreamingResponse:
+    """An event-stream response holding one of `owner`'s stream slots: taken now (429 before
+    anything streams), given back once when the stream ends, however it ends."""
+    slots.acquire(owner)
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            slots.release(owner)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            release()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(release))
 
 
 def _reaper(db: Database, stop: threading.Event) -> None:
@@ -137,18 +205,28 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
         version="0.1.0",
         summary="Hyperparameter tuning jobs: Optuna search over a NumPy early-stopping trainer.",
         lifespan=lifespan,
-        responses={code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 422, 429, 503)},
+        responses={code: {"model": ErrorBody}
+                   for code in (400, 401, 403, 404, 408, 409, 413, 422, 429, 503)},
+        dependencies=[Depends(no_unknown_query)],
     )
     app.state.db = db or jobs.open_database(settings)
+    app.state.streams = OwnerSlots(settings.max_streams_per_owner, "event streams")
+    app.state.renders = OwnerSlots(settings.max_renders_per_owner, "report renders")
     _install_error_handlers(app)
-    # Outermost first: size limit, then the admin-only dashboard, then the API.
-    app.add_middleware(DashboardGate, db=app.state.db)
+    # Added innermost first. A request meets: security headers, the body limits, the key
+    # check (before any body is read), the dashboard's gate, then the routes.
+    db_ = app.state.db
+    app.add_middleware(DashboardGate, db=db_)
+    app.add_middleware(ApiKeyGate, authenticate=lambda token: lookup_key(db_, token),
+                       admin_paths=ADMIN_PATHS)
     app.add_middleware(
-        BodySizeLimit,
+        BodyLimit,
         limit_for=lambda path: (settings.max_upload_bytes + 64 * 1024
                                 if path.startswith("/api/v1/datasets")
                                 else settings.max_request_bytes),
+        idle_timeout_s=settings.body_idle_timeout_seconds,
     )
+    app.add_middleware(SecurityHeaders)
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict[str, str]:
@@ -199,35 +277,37 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
     @app.get("/api/v1/jobs/{job_id}/report", tags=["jobs"],
              responses={200: {"content": {"application/json": {}, "text/html": {},
                                           "text/csv": {}}}})
-    def report(job_id: JobId, db: DbDep, owner: OwnerDep,
+    def report(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep,
                format: Annotated[ReportFormat, Query(description="json, html or csv")] = "json",
                ) -> Response:
         """The early-stopped trial report: best trial, stopped trials, compute saved."""
-        if format == "html":
-            return HTMLResponse(jobs.job_report_html(db, owner, job_id))
-        if format == "csv":
-            return PlainTextResponse(
-                jobs.job_report_csv(db, owner, job_id), media_type="text/csv",
-                headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'})
-        return JSONResponse(jsonable(jsonable_encoder(jobs.job_report(db, owner, job_id))))
+        with app.state.renders.slot(key.owner):
+            if format == "html":
+                return HTMLResponse(jobs.job_report_html(db, owner, job_id),
+                                    headers={"Content-Security-Policy": REPORT_CSP})
+            if format == "csv":
+                return PlainTextResponse(
+                    jobs.job_report_csv(db, owner, job_id), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'})
+            return JSONResponse(jsonable(jsonable_encoder(jobs.job_report(db, owner, job_id))))
 
     @app.get("/api/v1/jobs/{job_id}/plots/{name}", tags=["jobs"],
              responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
     def plot(job_id: JobId, name: Annotated[str, Path(max_length=50)], db: DbDep,
-             owner: OwnerDep,
+             key: KeyDep, owner: OwnerDep,
              width: Annotated[int, Query(ge=200, le=4000)] = 1000,
              height: Annotated[int, Query(ge=200, le=4000)] = 600) -> Response:
         """A report picture as PNG: learning_curves, history, importances, lr_vs_batch."""
-        return Response(jobs.job_plot(db, owner, job_id, name, width, height),
-                        media_type="image/png")
+        with app.state.renders.slot(key.owner):
+            png = jobs.job_plot(db, owner, job_id, name, width, height)
+        return Response(png, media_type="image/png")
 
     @app.get("/api/v1/jobs/{job_id}/events", tags=["jobs"],
              responses={200: {"content": {"text/event-stream": {}}}})
-    def events(job_id: JobId, db: DbDep, owner: OwnerDep) -> StreamingResponse:
+    def events(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep) -> StreamingResponse:
         """Server-sent events: trial state changes, then the job's final state."""
-        stream = jobs.job_events(db, owner, job_id)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        stream = jobs.job_events(db, owner, job_id, key.id)
+        return _held_stream(app.state.streams, key.owner, stream)
 
     @app.post("/api/v1/datasets", status_code=201, response_model=DatasetPublic,
               tags=["datasets"])
@@ -256,11 +336,17 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
         """One uploaded dataset's description."""
         return datasets.dataset_public(datasets.get_dataset(db, owner, dataset_id))
 
+    @app.delete("/api/v1/datasets/{dataset_id}", status_code=204, tags=["datasets"])
+    def delete_dataset(dataset_id: JobId, db: DbDep, owner: OwnerDep) -> None:
+        """Delete an uploaded dataset; 409 while a queued or running job uses it."""
+        datasets.delete_dataset(db, owner, dataset_id)
+
     registry = metrics_registry(app.state.db)
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
-    def metrics() -> Response:
-        """Prometheus metrics: jobs, trials, durations, epochs saved, live workers."""
+    @app.get("/metrics", tags=["ops"], responses={200: {"content": {"text/plain": {}}}})
+    def metrics(_key: KeyDep) -> Response:
+        """Prometheus metrics: jobs, trials, durations, epochs saved, live workers (admin keys
+        only: they count every owner's work)."""
         return Response(render(registry), media_type="text/plain; version=0.0.4")
 
     return app
@@ -277,7 +363,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_req: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         if isinstance(exc, DatabaseUnavailable):
-            headers = {"Retry-After": "5"}
+            # The driver's words (host, port, user) go to the log, never to the client.
+            log.warning("%s", exc.message)
+            return _error(503, "database unavailable, try again shortly",
+                          headers={"Retry-After": "5"})
         if isinstance(exc, QuotaExceeded):
             headers = {"Retry-After": "60"}
         errors = [{"field": exc.field, "message": exc.message}] if exc.field else []

@@ -219,10 +219,10 @@ def keys_list() -> None:
     db = open_database(_settings())
     with db.session() as s:
         # Plain tab-separated lines: easy to read and to grep.
-        print("id\towner\tprefix\trole\tstate\tcreated")
+        print("id\towner\tfingerprint\trole\tstate\tcreated")
         for k in list_keys(s):
             state = "revoked" if k.revoked_at else "active"
-            print(f"{k.id}\t{k.owner}\t{k.prefix}...\t{'admin' if k.is_admin else 'user'}"
+            print(f"{k.id}\t{k.owner}\t{k.prefix}\t{'admin' if k.is_admin else 'user'}"
                   f"\t{state}\t{k.created_at:%Y-%m-%d %H:%M}")
 
 
@@ -343,17 +343,23 @@ def cancel(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = Non
 
 @app.command()
 def dashboard(
-    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="Interface to listen on (loopback unless you mean to expose it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
 ) -> None:
-    """Serve optuna-dashboard on the service's database: every job is a study `job-<id>`."""
-    import optuna_dashboard
+    """Serve optuna-dashboard on the service's database, behind the API's login: every key
+    sees its owner's jobs (an admin every job), read-only; a job's study is `job-<id>`."""
+    import uvicorn
 
+    from service.dashboard import LOGIN_PATH, create_dashboard_app
     from service.jobs import open_database
+    from service.migrate import upgrade
 
+    _setup_logging()
     db = open_database(_settings())
-    console.print(f"optuna-dashboard on http://{host}:{port}/dashboard/")
-    optuna_dashboard.run_server(db.storage, host=host, port=port)
+    upgrade(db)  # the sessions table, should this start before the API has upgraded
+    console.print(f"optuna-dashboard on http://{host}:{port}{LOGIN_PATH}", soft_wrap=True)
+    uvicorn.run(create_dashboard_app(db), host=host, port=port, log_level="warning")
 
 
 def _free_port() -> int:

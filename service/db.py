@@ -621,6 +621,21 @@ class Database:
             ).bindparams(bindparam("names", expanding=True)), {"names": study_names}).all()
         return {str(r.name): int(r.n) for r in rows}
 
+    def slots_and_running(self, study_names: list[str]) -> dict[str, tuple[int, int]]:
+        """For each study: (trials holding a slot, RUNNING trials), in one query."""
+        if not study_names:
+            return {}
+        with self.session() as s:
+            rows = s.execute(text(
+                "SELECT s.study_name AS name, "
+                f"SUM(CASE WHEN CAST(t.state AS VARCHAR(16)) IN {SLOT_STATES_SQL} "
+                "THEN 1 ELSE 0 END) AS slots, "
+                "SUM(CASE WHEN CAST(t.state AS VARCHAR(16)) = 'RUNNING' THEN 1 ELSE 0 END) "
+                "AS running FROM studies s LEFT JOIN trials t ON t.study_id = s.study_id "
+                "WHERE s.study_name IN :names GROUP BY s.study_name"
+            ).bindparams(bindparam("names", expanding=True)), {"names": study_names}).all()
+        return {str(r.name): (int(r.slots or 0), int(r.running or 0)) for r in rows}
+
     def studies_with_unfinished_trials(self) -> list[str]:
         """Names of studies that hold RUNNING or WAITING trials."""
         with self.session() as s:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +25,27 @@ from search import (
     trials_to_dicts,
 )
 from search.datasets import bundled_names
+from search.memory import (
+    bundled_shape,
+    largest_trial_memory,
+    megabytes,
+    memory_field,
+    output_units,
+)
 from search.spec import in_space
 from search.study import sampler_available
-from service.db import SLOT_STATES, Database, retrying
-from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
+from service.db import SLOT_STATES, Database, is_transient, retrying
+from service.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    InvalidSpec,
+    NotFound,
+    QuotaExceeded,
+)
 from service.models import Job, as_utc, utcnow
 from service.procs import WORKER_PROCESS_ATTR, process_gone
+
+log = logging.getLogger("hptune.jobs")
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -55,13 +71,16 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
                 f"unknown dataset {spec.dataset!r}; known: {', '.join(bundled_names())} "
                 "or the integer id of an uploaded dataset", field="dataset")
         task = "regression" if spec.dataset == "regression" else "classification"
+        shape = bundled_shape(spec.dataset)
     else:
         from service.datasets import get_dataset
 
         try:
-            task = get_dataset(db, owner, spec.dataset).task
+            row = get_dataset(db, owner, spec.dataset)
         except NotFound:
             raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset") from None
+        task = row.task
+        shape = (row.n_rows, row.n_features, output_units(row.task, row.n_classes))
     missing = sampler_available(spec.sampler.name)
     if missing:
         raise InvalidSpec(missing, field="sampler.name")
@@ -69,22 +88,45 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
     if spec.metric not in allowed:
         raise InvalidSpec(f"metric {spec.metric!r} does not fit a {task} dataset; use one of "
                           f"{', '.join(allowed)}", field="metric")
+    _check_trial_memory(s.max_trial_bytes, spec, *shape)
+
+
+def _check_trial_memory(limit: int, spec: JobSpec, n_rows: int, n_features: int,
+                        n_outputs: int) -> None:
+    """Refuse a job whose largest trial would need more than `limit` bytes (a worker killed
+    for memory would be killed again by every retry), naming the field to shrink."""
+    estimate = largest_trial_memory(spec, n_rows, n_features, n_outputs)
+    if estimate.total > limit:
+        raise InvalidSpec(
+            f"a trial of this job may need about {megabytes(estimate.total)} of memory "
+            f"(largest part: {estimate.largest_part()}, for {n_rows} rows x {n_features} "
+            f"features), more than the limit of {megabytes(limit)} (HPTUNE_MAX_TRIAL_BYTES); "
+            "use fewer or narrower layers or smaller batches",
+            field=memory_field(spec, estimate))
 
 
 def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
     """Refuse a job over the owner's quotas; `session` must hold the owner's lock
-    (db.owner_session) and insert the job, so that no two submissions count the same room."""
+    (db.owner_session) and insert the job, so that no two submissions count the same room.
+
+    The trial quota counts every trial of the owner's active jobs that has not finished,
+    queued or running: a trial that starts still holds its room until it ends.
+    """
     s = db.settings
-    active, queued = session.execute(
-        select(func.count(), func.coalesce(func.sum(Job.n_trials - Job.reserved), 0))
-        .where(Job.owner == owner, Job.status.in_(ACTIVE))
-    ).one()
-    if active + 1 > s.max_active_jobs_per_owner:
-        raise QuotaExceeded(f"{owner} already has {active} active jobs "
+    active = list(session.execute(select(Job.id, Job.n_trials, Job.study_name)
+                                  .where(Job.owner == owner, Job.status.in_(ACTIVE))))
+    if len(active) + 1 > s.max_active_jobs_per_owner:
+        raise QuotaExceeded(f"{owner} already has {len(active)} active jobs "
                             f"(quota {s.max_active_jobs_per_owner})", field="n_trials")
-    if queued + spec.n_trials > s.max_queued_trials_per_owner:
-        raise QuotaExceeded(f"{owner} has {queued} queued trials; {spec.n_trials} more would pass "
-                            f"the quota of {s.max_queued_trials_per_owner}", field="n_trials")
+    summaries = trial_summaries(db, [Job(study_name=r.study_name) for r in active], session)
+    unfinished = 0
+    for r in active:
+        c = summaries.get(r.study_name or "", {}).get("counts", {})
+        unfinished += max(r.n_trials - c.get("complete", 0) - c.get("pruned", 0), 0)
+    if unfinished + spec.n_trials > s.max_queued_trials_per_owner:
+        raise QuotaExceeded(f"{owner} has {unfinished} unfinished trials; {spec.n_trials} more "
+                            f"would pass the quota of {s.max_queued_trials_per_owner}",
+                            field="n_trials")
 
 
 def warm_start_configs(db: Database, owner: str, spec: JobSpec) -> list[dict[str, Any]]:
@@ -117,9 +159,19 @@ def warm_start_configs(db: Database, owner: str, spec: JobSpec) -> list[dict[str
 def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
     """Store a queued job and create its study, with the spec as study attributes."""
     _check_spec(db, owner, spec)
+    if spec.timeout_seconds is None:
+        # Stored in the spec, so the job and its report say when it will end.
+        spec = spec.model_copy(update={"timeout_seconds": min(
+            db.settings.default_timeout_seconds, db.settings.max_timeout_seconds)})
     warm = warm_start_configs(db, owner, spec)
     with db.owner_session(owner) as s:
         _check_quota(db, s, owner, spec)
+        if isinstance(spec.dataset, int):
+            from service.datasets import dataset_exists
+
+            # Again under the owner's lock, which datasets.delete_dataset holds too.
+            if not dataset_exists(s, spec.dataset):
+                raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset")
         job = Job(owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
                   status="queued", n_trials=spec.n_trials, reserved=0, claims=0)
         s.add(job)
@@ -161,11 +213,25 @@ def list_jobs(db: Database, owner: str | None, limit: int = 100, offset: int = 0
         return rows, int(s.scalar(n) or 0)
 
 
+class StudyMissing(NotFound):
+    """A job's study is gone from Optuna's tables (deleted or renamed outside hptune)."""
+
+
+def load_job_study(db: Database, job: Job) -> optuna.Study:
+    """The job's Optuna study, or StudyMissing (404) if it no longer exists."""
+    name = job.study_name
+    try:
+        return retrying(lambda: optuna.load_study(study_name=name, storage=db.storage))
+    except KeyError:
+        raise StudyMissing(f"job {job.id}'s study {name!r} no longer exists "
+                           "(deleted or renamed outside hptune)") from None
+
+
 def study_trials(db: Database, job: Job) -> list[FrozenTrial]:
     """The job's trials as Optuna stores them (empty before its study exists)."""
     if not job.study_name:
         return []
-    study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
+    study = load_job_study(db, job)
     return retrying(lambda: study.get_trials(deepcopy=False))
 
 
@@ -183,8 +249,13 @@ _TRIAL_SUMMARY = text("""
 """).bindparams(bindparam("names", expanding=True))
 
 
-def trial_summaries(db: Database, jobs_: list[Job]) -> dict[str, dict[str, Any]]:
-    """Per study name: counts by state and the best COMPLETE value (max and min)."""
+def trial_summaries(db: Database, jobs_: list[Job], session: Any = None
+                    ) -> dict[str, dict[str, Any]]:
+    """Per study name: counts by state and the best COMPLETE value (max and min).
+
+    Reads through `session` when given (one that holds a lock must not wait for a second
+    pooled connection), else through a session of its own, retried.
+    """
     names = [j.study_name for j in jobs_ if j.study_name]
     out: dict[str, dict[str, Any]] = {n: {"counts": counts([]), "max": None, "min": None}
                                       for n in names}
@@ -192,12 +263,14 @@ def trial_summaries(db: Database, jobs_: list[Job]) -> dict[str, dict[str, Any]]
         return out
 
     def attempt() -> list[Any]:
+        if session is not None:
+            return list(session.execute(_TRIAL_SUMMARY, {"names": names}))
         with db.session() as s:
             return list(s.execute(_TRIAL_SUMMARY, {"names": names}))
 
     keys = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
             "RUNNING": "running", "WAITING": "waiting"}
-    for row in retrying(attempt):
+    for row in (attempt() if session is not None else retrying(attempt)):
         entry = out[row.study]
         entry["counts"][keys[row.state]] = int(row.n)
         if row.state == "COMPLETE":
@@ -272,7 +345,9 @@ def job_trials(db: Database, owner: str | None, job_id: int) -> list[dict[str, A
 
 def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
     job = get_job(db, owner, job_id)
-    study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
+    if not job.study_name:
+        raise NotFound(f"job {job_id} has no trials yet")
+    study = load_job_study(db, job)
     public = job_public(db, job)
     public.pop("spec")
     return build_report(study, JobSpec.model_validate(job.spec), public)
@@ -282,8 +357,7 @@ def _job_study(db: Database, owner: str | None, job_id: int) -> tuple[Job, optun
     job = get_job(db, owner, job_id)
     if not job.study_name:
         raise NotFound(f"job {job_id} has no trials yet")
-    return job, retrying(lambda: optuna.load_study(study_name=job.study_name,
-                                                   storage=db.storage))
+    return job, load_job_study(db, job)
 
 
 def job_report_html(db: Database, owner: str | None, job_id: int) -> str:
@@ -313,35 +387,67 @@ def job_plot(db: Database, owner: str | None, job_id: int, name: str, width: int
     return render_png(study, name, width_px=width, height_px=height)
 
 
-def job_events(db: Database, owner: str | None, job_id: int, poll_s: float = 1.0,
-               max_s: float = 24 * 3600) -> Iterator[str]:
+def job_events(db: Database, owner: str | None, job_id: int, key_id: int,
+               poll_s: float = 1.0, max_s: float = 3600) -> AsyncIterator[str]:
     """Server-sent events: one `trial` event per trial state change, `job` events on status
-    changes, ending after the job's final state. Raises NotFound before streaming starts."""
-    get_job(db, owner, job_id)
-    return _event_stream(db, owner, job_id, poll_s, max_s)
+    changes, ending after the job's final state. Raises NotFound before streaming starts.
+
+    The stream is asynchronous: it holds a thread only while it reads the database, never
+    while it waits, so open streams cannot starve the routes of threads. It ends when the key
+    `key_id` that opened it is revoked, and after `max_s` (clients reconnect).
+    """
+    job = get_job(db, owner, job_id)
+    if job.study_name:
+        load_job_study(db, job)  # StudyMissing now, as a 404, rather than an empty stream
+    return _event_stream(db, owner, job_id, key_id, poll_s, max_s)
 
 
-def _event_stream(db: Database, owner: str | None, job_id: int, poll_s: float, max_s: float
-                  ) -> Iterator[str]:
+async def _event_stream(db: Database, owner: str | None, job_id: int, key_id: int,
+                        poll_s: float, max_s: float) -> AsyncIterator[str]:
+    import anyio
+
     seen: dict[int, str] = {}
-    last_status = None
-    deadline = time.monotonic() + max_s
-    while time.monotonic() < deadline:
+    last_status: list[str | None] = [None]
+
+    def poll() -> tuple[list[str], bool]:
+        """The events since the last poll, and whether the stream is over."""
+        if key_revoked(db, key_id):
+            return [], True
         job = get_job(db, owner, job_id)
-        trials = study_trials(db, job)
-        for t in trials:
+        out = []
+        for t in study_trials(db, job):
             if seen.get(t.number) != t.state.name:
                 seen[t.number] = t.state.name
-                yield _sse("trial", trial_to_dict(t))
+                out.append(_sse("trial", trial_to_dict(t)))
         public = job_public(db, job)
         public.pop("spec")
-        if public["status"] != last_status or public["status"] in TERMINAL:
-            last_status = public["status"]
-            yield _sse("job", public)
-        if public["status"] in TERMINAL:
+        done = public["status"] in TERMINAL
+        if public["status"] != last_status[0] or done:
+            last_status[0] = public["status"]
+            out.append(_sse("job", public))
+        return out, done
+
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        try:
+            events, done = await anyio.to_thread.run_sync(poll)
+        except NotFound:  # deleted while watched
+            return
+        for event in events:
+            yield event
+        if done:
             return
         yield ": keep-alive\n\n"
-        time.sleep(poll_s)
+        await anyio.sleep(poll_s)
+
+
+def key_revoked(db: Database, key_id: int) -> bool:
+    """Whether API key `key_id` is revoked (or gone)."""
+    from service.models import ApiKey
+
+    with db.session() as s:
+        row = s.execute(select(ApiKey.revoked_at).where(ApiKey.id == key_id)).first()
+    return row is None or row.revoked_at is not None
 
 
 def _sse(event: str, data: dict[str, Any]) -> str:
@@ -390,6 +496,7 @@ class Candidate:
     job_id: int
     spec: JobSpec
     study_name: str
+    owner: str | None = None
 
 
 def _as_utc_timestamp(dt: Any) -> float:
@@ -407,17 +514,29 @@ def job_deadline(spec: JobSpec | dict[str, Any], started_at: Any) -> float | Non
 
 
 def claimable_jobs(db: Database, limit: int = 50) -> list[Candidate]:
-    """Active jobs with a free slot, oldest first (a hint: claim_slot re-checks under lock)."""
+    """Active jobs with a free slot, fairest first (a hint: claim_slot re-checks under lock).
+
+    Fair across owners: first the jobs of the owner with the fewest RUNNING trials over all
+    its active jobs, then the job with the fewest running trials of its own, then the oldest.
+    Workers pick again after every trial, so an owner's huge job queued first takes no more
+    than its share of the workers once another owner's job waits.
+    """
     def attempt() -> list[Candidate]:
         with db.session() as s:
             rows = s.execute(
-                select(Job.id, Job.spec, Job.study_name, Job.n_trials)
+                select(Job.id, Job.owner, Job.spec, Job.study_name, Job.n_trials)
                 .where(Job.status.in_(ACTIVE), Job.study_name.is_not(None))
-                .order_by(Job.id).limit(limit)
             ).all()
-        in_use = db.slots_in_use([r.study_name for r in rows])
-        return [Candidate(r.id, JobSpec.model_validate(r.spec), r.study_name) for r in rows
-                if in_use.get(r.study_name, 0) < r.n_trials]
+        counts = db.slots_and_running([r.study_name for r in rows])
+        owner_running: dict[str, int] = {}
+        for r in rows:
+            owner_running[r.owner] = (owner_running.get(r.owner, 0)
+                                      + counts.get(r.study_name, (0, 0))[1])
+        free = [r for r in rows if counts.get(r.study_name, (0, 0))[0] < r.n_trials]
+        free.sort(key=lambda r: (owner_running[r.owner], counts.get(r.study_name, (0, 0))[1],
+                                 r.id))
+        return [Candidate(r.id, JobSpec.model_validate(r.spec), r.study_name, r.owner)
+                for r in free[:limit]]
     return retrying(attempt)
 
 
@@ -648,7 +767,7 @@ def _reap_quiet(db: Database) -> bool:
 def _reap_job(db: Database, job: Job) -> None:
     import datetime as _dt
 
-    study = retrying(lambda: optuna.load_study(study_name=job.study_name, storage=db.storage))
+    study = load_job_study(db, job)
     if db.settings.reap_gone_processes:
         # Trials whose worker process this host can see is gone: FAIL at once, no grace.
         running = retrying(lambda: db.storage.get_all_trials(
@@ -694,13 +813,31 @@ def _settle_ended_jobs(db: Database) -> None:
         ended = list(s.scalars(select(Job).where(Job.study_name.in_(names),
                                                  Job.status.in_(TERMINAL))))
     for job in ended:
-        study = retrying(lambda n=job.study_name: optuna.load_study(study_name=n,
-                                                                    storage=db.storage))
-        _reap_job(db, job)
-        for t in retrying(lambda s=study: s.get_trials(deepcopy=False,
-                                                       states=(TrialState.WAITING,))):
-            fail_trial(db, study, t._trial_id, reason="cancelled",
-                       error=f"job {job.status} before this retry ran")
+        with _one_job(db, job.id):
+            study = load_job_study(db, job)
+            _reap_job(db, job)
+            for t in retrying(lambda s=study: s.get_trials(deepcopy=False,
+                                                           states=(TrialState.WAITING,))):
+                fail_trial(db, study, t._trial_id, reason="cancelled",
+                           error=f"job {job.status} before this retry ran")
+
+
+@contextlib.contextmanager
+def _one_job(db: Database, job_id: int) -> Iterator[None]:
+    """Reap one job so that its failure cannot stop the round: a job whose study is gone is
+    failed with the reason, any other error is logged and the round goes on. Outages still
+    end the round (every job would fail the same way)."""
+    try:
+        yield
+    except StudyMissing as exc:
+        log.warning("job %s: %s", job_id, exc.message)
+        _set_status(db, job_id, "failed", exc.message)
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.exception("reaping job %s failed; the round goes on", job_id)
 
 
 def reap(db: Database) -> int:
@@ -717,10 +854,11 @@ def reap(db: Database) -> int:
         raise
     quiet = _reap_quiet(db)
     for job_id in ids:
-        job = get_job(db, None, job_id)
-        if job.study_name and quiet:
-            _reap_job(db, job)
-        refresh_job(db, job_id)
+        with _one_job(db, job_id):
+            job = get_job(db, None, job_id)
+            if job.study_name and quiet:
+                _reap_job(db, job)
+            refresh_job(db, job_id)
     if quiet:
         _settle_ended_jobs(db)
     return len(ids)

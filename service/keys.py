@@ -9,6 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from search.spec import control_character
 from service.errors import NotFound, Unauthorized
 from service.models import ApiKey, utcnow
 
@@ -20,12 +21,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def fingerprint(key_hash: str) -> str:
+    """How listings tell keys apart: the start of the key's hash, none of the secret."""
+    return "#" + key_hash[:8]
+
+
 def create_key(session: Session, owner: str, is_admin: bool = False) -> tuple[ApiKey, str]:
     """Store a new key for `owner`; the secret is returned here and never again."""
     if not owner or len(owner) > 100:
         raise ValueError("owner must be 1 to 100 characters")
+    bad = control_character(owner)
+    if bad is not None:
+        raise ValueError(f"owner must not contain control or format characters (found {bad})")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(owner=owner, key_hash=hash_key(secret), prefix=secret[:10], is_admin=is_admin)
+    digest = hash_key(secret)
+    row = ApiKey(owner=owner, key_hash=digest, prefix=fingerprint(digest), is_admin=is_admin)
     session.add(row)
     session.flush()
     return row, secret

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -31,7 +31,8 @@ class ApiKey(Base):
     owner: Mapped[str] = mapped_column(String(100), index=True)
     # SHA-256 of the secret; the secret itself is shown once and never stored.
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    # First characters of the key, so people can tell their keys apart in listings.
+    # The start of key_hash ("#1a2b3c4d", keys.fingerprint), so people can tell their keys
+    # apart in listings; no character of the secret is stored.
     prefix: Mapped[str] = mapped_column(String(16))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -76,8 +77,10 @@ class UploadedDataset(Base):
     # Hash of `content`: workers on every machine cache the parsed arrays under it.
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
-    # The checked arrays as a compressed NPZ (X float32, y int64 or float32).
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    # The checked arrays as a compressed NPZ (X float32, y int64 or float32). Deferred: a
+    # listing or a lookup of an owner's datasets (up to their byte quota) reads only this
+    # column's neighbours; workers select it by itself.
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -92,3 +95,18 @@ class WorkerRow(Base):
     trials_run: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DashboardSession(Base):
+    """A browser's login to the dashboard: the cookie holds the id, the table only its hash."""
+
+    __tablename__ = "hptune_dashboard_sessions"
+
+    # SHA-256 of the session id; the id itself lives only in the browser's cookie.
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The key that logged in: revoking it ends the session at the next request.
+    key_id: Mapped[int] = mapped_column(Integer, ForeignKey("hptune_api_keys.id"), index=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

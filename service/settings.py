@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     max_trials_per_job: int = Field(default=10_000, ge=1)
     max_epochs_per_trial: int = Field(default=1_000, ge=1)
     max_timeout_seconds: float = Field(default=7 * 24 * 3600, gt=0)
+    # The timeout of a job whose spec gives none (capped by max_timeout_seconds); it is
+    # written into the job's stored spec, so the job and its report show it.
+    default_timeout_seconds: float = Field(default=24 * 3600, gt=0, le=7 * 24 * 3600)
+    # Peak bytes one trial may allocate, estimated from the spec and the dataset's shape at
+    # submission (trainer.memory): a larger model or batch is refused with a 422.
+    max_trial_bytes: int = Field(default=2 << 30, ge=1 << 20)
     # Per-owner quotas, counted in the database so they hold across API processes.
     max_active_jobs_per_owner: int = Field(default=20, ge=1)
     max_queued_trials_per_owner: int = Field(default=5_000, ge=1)
@@ -56,6 +62,23 @@ class Settings(BaseSettings):
     # must also fit max_upload_bytes unpacked (checked from their headers before unpacking).
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=20 << 20, ge=1024)
+    # Bytes that parsing, checking and storing one upload may allocate, estimated before the
+    # work starts from the CSV's header width and line count or the NPZ's array headers
+    # (service.datasets.memory_estimate); a larger estimate is refused with a 422.
+    max_parse_bytes: int = Field(default=256 << 20, ge=1 << 20)
+    # Per-owner dataset quotas (count, and the stored size_bytes summed), counted in the
+    # database under the owner's lock, so they hold across API processes; over them, 429.
+    max_datasets_per_owner: int = Field(default=50, ge=1)
+    max_dataset_bytes_per_owner: int = Field(default=1 << 30, ge=1024)
+    # Seconds a request body may stall between two chunks before the request answers 408.
+    body_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    # Event streams one owner may hold open at once in one API process (each polls the
+    # database every second); the next answers 429.
+    max_streams_per_owner: int = Field(default=4, ge=1)
+    # Reports and plots one owner may have rendering at once in one API process.
+    max_renders_per_owner: int = Field(default=2, ge=1)
+    # Seconds a dashboard login lasts (the session's expiry and its cookie's Max-Age).
+    dashboard_session_seconds: int = Field(default=8 * 3600, ge=60)
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:

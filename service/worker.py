@@ -112,7 +112,7 @@ class Worker:
         # Open studies by name: their cache keeps finished trials, so a worker reads each
         # finished trial once instead of the whole study before every trial.
         self._studies: dict[str, optuna.Study] = {}
-        # The job this worker ran its last trial for.
+        # The job this worker ran its last trial for (informational: every trial re-picks).
         self._current: jobs.Candidate | None = None
         self._identity = process_identity()
 
@@ -196,23 +196,19 @@ class Worker:
             log.debug("%s: registry update failed: %s", self.name, _one_line(exc))
 
     def run_one(self) -> bool:
-        """Claim a slot of the oldest job with room and run its trial; False if no work.
+        """Claim a slot of the fairest job with room and run its trial; False if no work.
 
-        The job of the last trial is tried first (one statement fewer between trials); only
-        when it is full does the worker look for the oldest job with room.
+        One claim per trial: after each trial the worker picks again (jobs.claimable_jobs:
+        the owner with the fewest running trials first), so it never stays on one owner's
+        job while another owner's job waits.
         """
-        current = self._current
-        if current is not None and self._try(current):
-            return True
-        self._current = None
         for cand in jobs.claimable_jobs(self.db):
             if self._stop.is_set():
                 return False
-            if current is not None and cand.job_id == current.job_id:
-                continue  # just found full
             if self._try(cand):
                 self._current = cand
                 return True
+        self._current = None
         return False
 
     def _try(self, cand: jobs.Candidate) -> bool:

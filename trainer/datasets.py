@@ -23,6 +23,16 @@ from pathlib import Path
 import numpy as np
 
 DATASETS = ("digits", "breast_cancer", "wine", "iris", "mnist1d", "regression")
+# What each bundled dataset is, known without loading it: (rows, features, classes, task);
+# classes is 1 for regression. tests/trainer/test_memory.py checks it against load_dataset.
+DATASET_SHAPES = {
+    "digits": (1797, 64, 10, "multiclass"),
+    "breast_cancer": (569, 30, 2, "binary"),
+    "wine": (178, 13, 3, "multiclass"),
+    "iris": (150, 4, 3, "multiclass"),
+    "mnist1d": (5000, 40, 10, "multiclass"),
+    "regression": (3000, 10, 1, "regression"),
+}
 SPLIT = (0.70, 0.15, 0.15)  # train / validation / test fractions for from_arrays and sklearn sets
 MIN_ROWS = 10  # fewest rows from_arrays accepts (each split needs at least one)
 MAX_CLASSES_INFERRED = 50  # integer targets with more distinct values are treated as regression

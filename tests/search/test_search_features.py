@@ -1,6 +1,7 @@
 """Samplers, pruners, warm start and the pruning audit, on real studies in SQLite."""
 
 import importlib.util
+import itertools
 
 import optuna
 import pytest
@@ -87,9 +88,10 @@ def test_bad_pruner_settings_are_rejected(pruner, msg):
 
 
 def test_rungs_in_examples_put_batch_sizes_on_equal_compute(storage):
-    # Batch sizes 16 and 256 report at the same examples counts (multiples of 200 within one
-    # batch), so successive halving compares them at equal compute, and it prunes within an
-    # epoch (digits has 1259 training rows).
+    # Batch sizes 16 and 256 report at the same examples counts (multiples of 200, at the
+    # first batch boundary past each), so successive halving compares them at equal compute,
+    # and it prunes within an epoch (digits has 1259 training rows). A batch reports at most
+    # once: one that passes two multiples reports the last of them.
     spec = _spec(n_trials=8, max_epochs=2,
                  search_space={"batch_size": {"choices": [16, 256]}},
                  pruner={"name": "successive_halving", "resource": "examples",
@@ -100,7 +102,11 @@ def test_rungs_in_examples_put_batch_sizes_on_equal_compute(storage):
     assert {t.params["batch_size"] for t in trials} == {16, 256}
     for t in trials:
         steps = sorted(t.intermediate_values)
-        assert steps == list(range(200, steps[-1] + 1, 200)), steps
+        batch = t.params["batch_size"]
+        assert steps[0] == 200 and all(s % 200 == 0 for s in steps), steps
+        assert all(200 <= b - a <= 200 + batch for a, b in itertools.pairwise(steps))
+        if batch < 200:  # no batch passes two multiples: every one is reported
+            assert steps == list(range(200, steps[-1] + 1, 200)), steps
         seen = t.user_attrs["examples_seen"]
         if t.state == TrialState.PRUNED:  # stopped at the first batch boundary past a mark
             assert steps[-1] <= seen < steps[-1] + t.params["batch_size"]
@@ -109,9 +115,12 @@ def test_rungs_in_examples_put_batch_sizes_on_equal_compute(storage):
     assert done and all(t.user_attrs["examples_seen"] == 2 * n_train for t in done)
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned, "successive halving pruned nothing in 8 trials"
-    # Rungs at 200, 600, 1800 examples: a trial is only ever pruned at one of them, and some
-    # within the first epoch.
-    assert {t.user_attrs["prune_step"] for t in pruned} <= {200, 600, 1800}
+    # Rungs at 200, 600, 1800 examples: a trial is only ever pruned at one of them (at the
+    # report of the batch that passed it), and some within the first epoch.
+    for t in pruned:
+        rung_step = 200 * 3 ** t.user_attrs["prune_rung"]
+        assert rung_step in {200, 600, 1800}
+        assert rung_step <= t.user_attrs["prune_step"] < rung_step + t.params["batch_size"]
     assert any(t.user_attrs["examples_seen"] < n_train for t in pruned)
     assert all(t.user_attrs["stopped_epoch"] == (1 if t.user_attrs["examples_seen"] <= n_train
                                                  else 2) for t in pruned)

@@ -100,3 +100,43 @@ def test_every_health_check_command_exists(tmp_path):
             assert port == _option(service["command"], "--port"), (name, argv)
             if name == "api":
                 assert path in api_routes, (path, sorted(api_routes))
+
+
+def test_no_password_in_the_compose_file():
+    """The PostgreSQL password comes from the environment (.env), and compose refuses to start
+    without it; no literal password is written anywhere in the file."""
+    raw = "\n".join(line for line in (ROOT / "docker-compose.yml").read_text().splitlines()
+                    if not line.lstrip().startswith("#"))
+    services = _compose()["services"]
+    required = "${POSTGRES_PASSWORD:?"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith(required)
+    for name in ("api", "worker", "dashboard"):
+        url = services[name]["environment"]["HPTUNE_DATABASE_URL"]
+        userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
+        user, _, password = userinfo.partition(":")
+        assert user == "hptune" and password.startswith(required), (name, url)
+    # Neither the old default nor any other literal: every password value is a substitution.
+    assert "hptune:hptune@" not in raw and "POSTGRES_PASSWORD: hptune" not in raw
+    for match in re.finditer(r"(?im)^\s*-?\s*\w*password\w*\s*[:=]\s*(\S+)", raw):
+        assert match.group(1).startswith("${"), match.group(0)
+    for match in re.finditer(r"://[^:/@\s]+:([^@\s]+)@", raw):
+        assert match.group(1).startswith("${"), match.group(0)
+
+
+def test_dashboard_is_gated_and_published_on_loopback_only():
+    services = _compose()["services"]
+    dashboard = services["dashboard"]
+    # Inside its container it listens on every interface (so the port can be published), and
+    # the host publishes it on loopback only.
+    assert dashboard["command"][:2] == ["hptune", "dashboard"]
+    assert _option(dashboard["command"], "--host") == "0.0.0.0"
+    port = _option(dashboard["command"], "--port")
+    assert dashboard["ports"] == [f"127.0.0.1:{port}:{port}"]
+    # Its health check asks a path the gated dashboard app answers without a login.
+    (path,) = [p for _, p in URL.findall(_health_argv(dashboard)[2])]
+    assert path == "/healthz"
+    # Every published port binds an address, or is the API's own (which checks every key).
+    for name, service in services.items():
+        for mapping in service.get("ports", []):
+            if name != "api":
+                assert str(mapping).startswith("127.0.0.1:"), (name, mapping)

@@ -1,9 +1,11 @@
 """Reports, pictures, events and metrics of a finished job, served by a real server."""
 
 import csv
+import html
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -233,38 +235,94 @@ def test_report_and_dashboard_in_a_real_browser(finished, server, tmp_path):
     assert "monitored" in dom and "img" in dom
 
     admin = create_key(server.env, "ops", admin=True)
-    login = f"{server.url}/dashboard/login?key={admin}"
-    dom = _chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", login).stdout
+    admin_dir = tmp_path / "admin"
+    dom = _dashboard_dom(admin_dir, server, admin)
     assert f"job-{job['id']}" in dom, dom[:2000]
     shot = tmp_path / "dashboard.png"
-    _chromium(tmp_path, "--virtual-time-budget=15000", f"--screenshot={shot}",
-              "--window-size=1400,900", login)
+    _chromium(admin_dir, "--virtual-time-budget=15000", f"--screenshot={shot}",
+              "--window-size=1400,900", _login_form(admin_dir, server, admin).as_uri())
     assert shot.stat().st_size > 20_000
-    # A login link can land on the job's own study page, which shows what the job is: its
-    # name and spec, from the study's user attributes.
+    # A login can land on the job's own study page, which shows what the job is: its name and
+    # spec, from the study's user attributes.
     study_id = study._study_id
-    page = f"{login}&next=/dashboard/studies/{study_id}"
-    dom = _chromium(tmp_path, "--virtual-time-budget=15000", "--dump-dom", page).stdout
+    dom = _dashboard_dom(admin_dir, server, admin, f"/dashboard/studies/{study_id}")
     assert f"job-{job['id']} (id={study_id})" in dom and job["name"] in dom, dom[:2000]
     print(f"screenshots: {tmp_path / 'report.png'} {shot}")
 
 
-def test_dashboard_is_admin_only(server):
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("HPTUNE_REQUIRE_BROWSER"),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_an_owner_sees_their_own_studies_in_a_real_browser(finished, server, tmp_path):
+    """A key without admin rights signs in too, and the dashboard lists its owner's studies
+    and no one else's."""
+    assert CHROMIUM, "HPTUNE_REQUIRE_BROWSER is set but chromium is missing"
+    _client, job, study = finished
+    stranger = server.client("stranger")
+    other = stranger.post("/api/v1/jobs", json={**JOB, "n_trials": 1, "max_epochs": 1}).json()
+    dom = _dashboard_dom(tmp_path / "owner", server, server.keys["monitor"])
+    shown = {int(n) for n in re.findall(r"\bjob-(\d+)\b", dom)}
+    assert job["id"] in shown and other["id"] not in shown, (shown, dom[:2000])
+    dom = _dashboard_dom(tmp_path / "owner", server, server.keys["monitor"],
+                         f"/dashboard/studies/{study._study_id}")
+    assert f"job-{job['id']} (id={study._study_id})" in dom, dom[:2000]
+    # The admin's dashboard lists both owners' studies.
+    admin = create_key(server.env, "ops-2", admin=True)
+    shown = {int(n) for n in re.findall(r"\bjob-(\d+)\b",
+                                        _dashboard_dom(tmp_path / "admin", server, admin))}
+    assert {job["id"], other["id"]} <= shown, shown
+    server.wait_job(stranger, other["id"])
+
+
+def _login_form(profile_dir, server, key, next_path=""):
+    """A local page whose form POSTs the key (and `next`) to the server's login at once, as a
+    person's browser does: the key goes in the body, never in a URL."""
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    page = profile_dir / "login.html"
+    page.write_text(
+        "<!doctype html><html><body>"
+        f'<form method="post" action="{server.url}/dashboard/login">'
+        f'<input name="key" value="{html.escape(key)}">'
+        f'<input name="next" value="{html.escape(next_path)}"></form>'
+        "<script>document.forms[0].submit()</script></body></html>")
+    return page
+
+
+def _dashboard_dom(profile_dir, server, key, next_path=""):
+    """The DOM of the dashboard page a browser lands on after signing in with `key`, once its
+    scripts have fetched the studies (each profile_dir is one browser profile)."""
+    page = _login_form(profile_dir, server, key, next_path)
+    return _chromium(profile_dir, "--virtual-time-budget=15000", "--dump-dom",
+                     page.as_uri()).stdout
+
+
+def test_dashboard_login_takes_every_key_by_post_only(server):
     user = server.client("plain-user")
-    assert httpx.get(f"{server.url}/dashboard").status_code == 401
-    assert user.get("/dashboard").status_code == 403
-    assert user.get("/api/studies").status_code == 403
+    user_key = server.keys["plain-user"]
+    assert httpx.get(f"{server.url}/api/studies").status_code == 401
+    r = httpx.get(f"{server.url}/dashboard")
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/login"
+    # An owner's key opens the dashboard too, on its own studies only.
+    job = user.post("/api/v1/jobs", json={**JOB, "n_trials": 1, "max_epochs": 1}).json()
+    r = user.get("/api/studies")
+    assert r.status_code == 200
+    assert {s["study_name"] for s in r.json()["study_summaries"]} == {f"job-{job['id']}"}
     admin = create_key(server.env, "root", admin=True)
     r = httpx.get(f"{server.url}/api/studies", headers={"Authorization": f"Bearer {admin}"})
-    assert r.status_code == 200 and "study_summaries" in r.json()
+    assert r.status_code == 200 and f"job-{job['id']}" in r.text
+    # A key in a URL logs nobody in.
+    r = httpx.get(f"{server.url}/dashboard/login", params={"key": admin})
+    assert r.status_code == 400 and "set-cookie" not in r.headers
     # The login goes on to a dashboard page on this server, never elsewhere.
     for nxt, target in (("/dashboard/studies/1", "/dashboard/studies/1"),
                         ("//evil.example/x", "/dashboard"),
                         ("https://evil.example", "/dashboard"),
                         ("/dashboard/..//evil.example", "/dashboard"),
                         ("/api/v1/jobs", "/dashboard")):
-        r = httpx.get(f"{server.url}/dashboard/login", params={"key": admin, "next": nxt})
+        r = httpx.post(f"{server.url}/dashboard/login", data={"key": user_key, "next": nxt})
         assert r.status_code == 303 and r.headers["location"] == target, (nxt, r.headers)
-    r = httpx.get(f"{server.url}/dashboard/login", params={"key": user.headers["authorization"]
-                                                             .split()[1], "next": "/dashboard/x"})
-    assert r.status_code == 403 and "location" not in r.headers
+        assert r.cookies.get("hptune_session")
+    r = httpx.post(f"{server.url}/dashboard/login",
+                   data={"key": "hpt_nope", "next": "/dashboard/x"})
+    assert r.status_code == 401 and "location" not in r.headers
+    assert "set-cookie" not in r.headers
+    server.wait_job(user, job["id"])
