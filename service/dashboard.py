@@ -50,6 +50,8 @@ _STUDY_PATH = re.compile(r"^/(?:api/studies|csv|dashboard/studies|api/artifacts|
                          r"/(-?\d+)(?:/|$)")
 _TRIAL_PATH = re.compile(r"^/api/trials/(-?\d+)(?:/|$)")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
+# Study and trial ids are database integers.
+MAX_DB_ID = 2**31 - 1
 
 Scope = dict[str, Any]
 
@@ -118,8 +120,7 @@ class DashboardGate:
                         f"{LOGIN_PATH}; a script sends 'Authorization: Bearer <key>'",
                         [(b"www-authenticate", b"Bearer")])
             return
-        if not viewer.is_admin and not await anyio.to_thread.run_sync(
-                self._may_see_path, viewer, path):
+        if not await anyio.to_thread.run_sync(self._may_see_path, viewer, path):
             await _json(send, 404, "not found")
             return
         await self._wsgi({**scope, SCOPE_KEY: viewer}, receive, send)
@@ -137,14 +138,20 @@ class DashboardGate:
         return session_viewer(self.db, session_id)
 
     def _may_see_path(self, viewer: Viewer, path: str) -> bool:
-        """False when `path` names a study or trial outside the viewer's own."""
-        owner = viewer.owner
-        if (m := _STUDY_PATH.match(path)) is not None:
-            return owner_has_study(self.db, owner, int(m.group(1)))
-        if (m := _TRIAL_PATH.match(path)) is not None:
-            study_id = trial_study_id(self.db, int(m.group(1)))
-            return study_id is not None and owner_has_study(self.db, owner, study_id)
-        return True
+        """False when `path` names a study or trial outside the viewer's own (or an id no
+        database integer holds, which would otherwise reach the driver)."""
+        match = _STUDY_PATH.match(path) or _TRIAL_PATH.match(path)
+        if match is None:
+            return True
+        id_ = int(match.group(1))
+        if not 0 < id_ <= MAX_DB_ID:
+            return False
+        if viewer.is_admin:
+            return True
+        if match.re is _TRIAL_PATH:
+            study_id = trial_study_id(self.db, id_)
+            return study_id is not None and owner_has_study(self.db, viewer.owner, study_id)
+        return owner_has_study(self.db, viewer.owner, id_)
 
     async def _login_page(self, scope: Scope, send: Any, status: int = 200,
                           message: str = "", next_path: str | None = None) -> None:

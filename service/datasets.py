@@ -36,8 +36,10 @@ from trainer.datasets import MIN_ROWS, SPLIT
 
 # Targets with at most this many distinct integer values are classes, not a regression target.
 MAX_CLASSES = 50
-# Most feature columns an upload may have; a CSV's header has one more column, the target.
-MAX_FEATURES = 10_000
+# Most feature columns of a CSV upload (its header has one more, the target): a CSV row is a
+# list of cells before it can be checked. An NPZ's width costs only the array memory that
+# HPTUNE_MAX_PARSE_BYTES budgets, so it has no bound of its own.
+MAX_CSV_FEATURES = 10_000
 # Longest CSV column name, in characters (after stripping the spaces around it).
 MAX_COLUMN_NAME_CHARS = 200
 # Longest CSV data row, in characters per header column: numbers are far shorter; the bound
@@ -115,7 +117,7 @@ def _check_utf8(raw: bytes) -> None:
     """Refuse text that is not UTF-8, naming the first bad byte, without decoding it whole."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     view = memoryview(raw)
-    step = 1 << 20
+    step = 1 << 18
     for start in range(0, len(raw), step):
         pending = len(decoder.getstate()[0])
         try:
@@ -189,7 +191,7 @@ def parse_csv(raw: bytes, target: str | None, max_parse_bytes: int = DEFAULT_MAX
     if not target:
         raise _fail("target is required for a CSV upload: the name of the target column",
                     field="target")
-    max_columns = MAX_FEATURES + 1
+    max_columns = MAX_CSV_FEATURES + 1
     lines = _BoundedLines(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig", newline=""),
                           max_chars=max_columns * (MAX_COLUMN_NAME_CHARS + 3),
                           max_fields=max_columns)
@@ -201,7 +203,7 @@ def parse_csv(raw: bytes, target: str | None, max_parse_bytes: int = DEFAULT_MAX
     except _RowRefused as exc:
         if exc.fields is not None:
             raise _fail(f"row 1: {exc.fields} columns, more than {max_columns} (at most "
-                        f"{MAX_FEATURES} features and the target)") from None
+                        f"{MAX_CSV_FEATURES} features and the target)") from None
         raise _fail(f"row 1: the header is longer than {exc.chars} characters "
                     f"({max_columns} columns of at most {MAX_COLUMN_NAME_CHARS})") from None
     except csv.Error as exc:
@@ -209,7 +211,7 @@ def parse_csv(raw: bytes, target: str | None, max_parse_bytes: int = DEFAULT_MAX
     width = len(header)
     if width > max_columns:
         raise _fail(f"row 1: {width} columns, more than {max_columns} (at most "
-                    f"{MAX_FEATURES} features and the target)")
+                    f"{MAX_CSV_FEATURES} features and the target)")
     for i, h in enumerate(header):
         if len(h) > MAX_COLUMN_NAME_CHARS:
             raise _fail(f"row 1: column {i + 1}'s name is {len(h)} characters long, more than "
@@ -352,8 +354,6 @@ def parse_npz(raw: bytes, max_bytes: int, max_parse_bytes: int = DEFAULT_MAX_PAR
                 raise _fail(f"X has {n_rows} rows but y has {hy.shape[0]}")
             if n_features == 0:
                 raise _fail("X has no feature columns")
-            if n_features > MAX_FEATURES:
-                raise _fail(f"X has {n_features} feature columns, more than {MAX_FEATURES}")
             _check_budget(npz_memory_estimate(n_rows, n_features), max_parse_bytes,
                           f"{n_rows} rows x {n_features} features")
             X = _read_npy_as(zf, hx, np.float32)

@@ -1,7 +1,8 @@
 """optuna-dashboard behind the login: sessions, per-owner scope, read-only, `hptune dashboard`.
 
-Most tests drive the API app in process over a real SQLite file (jobs are queued, not run: a
-job's study exists from its submission); `hptune dashboard` runs as a real process.
+Most tests drive the API app in process over a real database, SQLite and PostgreSQL (jobs are
+queued, not run: a job's study exists from its submission); `hptune dashboard` runs as a real
+process.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TTL_S = 3600
 
 @dataclass
 class World:
-    """An API app on a SQLite file with two owners' jobs and an admin."""
+    """An API app on a fresh database with two owners' jobs and an admin."""
 
     app: object
     db: object
@@ -56,15 +57,15 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(module_backend) -> World:
+    """On SQLite and on PostgreSQL: the scope's and the sessions' SQL must hold on both."""
     from service.api import create_app
     from service.jobs import open_database
     from service.keys import create_key as make_key
     from service.migrate import upgrade
     from service.settings import Settings
 
-    path = tmp_path_factory.mktemp("dashboard") / "hptune.db"
-    url = f"sqlite:///{path}"
+    url = module_backend.url
     settings = Settings(database_url=url, dashboard_session_seconds=TTL_S)
     db = open_database(settings)
     upgrade(db)
@@ -259,7 +260,8 @@ def test_an_owner_sees_only_their_own_studies(world):
         for path in (f"/api/studies/{theirs}", f"/api/studies/{theirs}/param_importances",
                      f"/api/studies/{theirs}/plot/history", f"/csv/{theirs}",
                      f"/dashboard/studies/{theirs}", f"/dashboard/studies/{theirs}/analytics",
-                     "/api/studies/999999", "/csv/999999"):
+                     "/api/studies/999999", "/csv/999999", "/csv/99999999999999999999",
+                     "/api/studies/-1"):
             r = client.get(path)
             assert r.status_code == 404, (path, r.status_code, r.text[:200])
             assert f"job-{world.jobs['bob']}" not in r.text
@@ -280,6 +282,8 @@ def test_an_admin_sees_every_study(world):
             r = client.get(f"/api/studies/{world.studies[owner]}")
             assert r.status_code == 200 and r.json()["name"] == f"job-{world.jobs[owner]}"
             assert client.get(f"/csv/{world.studies[owner]}").status_code == 200
+        for path in ("/api/studies/999999", "/csv/99999999999999999999", "/api/studies/0"):
+            assert client.get(path).status_code == 404, path
 
 
 def _write_requests(study_id: int, trial_id: int) -> list[tuple[str, str, dict | None]]:
