@@ -25,6 +25,8 @@ from trainer import Dataset, TrainConfig, fit
 ATTR_STOP_REASON = "stop_reason"
 ATTR_STOPPED_EPOCH = "stopped_epoch"
 ATTR_BEST_EPOCH = "best_epoch"
+# Study user attribute that create_study sets last: a study without it is half-made.
+STUDY_READY_ATTR = "hptune_ready"
 
 # Stop reasons, as in the trial JSON of the REST API.
 MAX_EPOCHS = "max_epochs"
@@ -197,20 +199,26 @@ def train_config(spec: JobSpec, params: dict[str, Any]) -> TrainConfig:
 
 
 def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
-                 attrs: dict[str, Any], warm_configs: list[dict[str, Any]] = ()
-                 ) -> optuna.Study:
+                 attrs: dict[str, Any], warm_configs: list[dict[str, Any]] = (),
+                 *, load_if_exists: bool = True,
+                 on_created: Callable[[], None] | None = None) -> optuna.Study:
     """Create the job's study with its spec and settings as user attributes.
 
     The spec's warm-start configurations, then `warm_configs` (say, the best trials of an
     earlier job), are queued so that the first trials evaluate them; without any, the centre
-    of the search space is (unless warm_start.center is off).
+    of the search space is (unless warm_start.center is off). The last step marks the study
+    ready (STUDY_READY_ATTR, see study_is_ready): a process that dies before it leaves a study
+    that readers can tell is half-made. `on_created` runs right after the bare study exists
+    (tests inject a crash there).
     """
     study = optuna.create_study(
         storage=storage,
         study_name=name,
         direction=spec.direction,
-        load_if_exists=True,
+        load_if_exists=load_if_exists,
     )
+    if on_created is not None:
+        on_created()
     study.set_user_attr("spec", spec.model_dump(mode="json"))
     study.set_user_attr("sampler", spec.sampler.model_dump(mode="json"))
     study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
@@ -224,7 +232,20 @@ def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
         params = {k: v for k, v in cfg.items() if k in searched}
         if params:
             study.enqueue_trial(params, skip_if_exists=True)
+    study.set_user_attr(STUDY_READY_ATTR, True)
     return study
+
+
+def study_is_ready(storage: optuna.storages.BaseStorage, name: str, spec: JobSpec
+                   ) -> bool | None:
+    """None if no study `name` exists; True if create_study finished it for `spec`; False if
+    it is half-made (its creator died) or was made for another spec."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    attrs = storage.get_study_user_attrs(study_id)
+    return bool(attrs.get(STUDY_READY_ATTR)) and attrs.get("spec") == spec.model_dump(mode="json")
 
 
 def center_config(spec: JobSpec) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import Depends, FastAPI, File, Form, Path, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from search import JobSpec
-from service import datasets, jobs
+from service import datasets, idempotency, jobs
 from service.dashboard import DashboardGate
 from service.db import Database
 from service.errors import (
@@ -146,6 +146,30 @@ def owner_scope(key: KeyDep) -> str | None:
 OwnerDep = Annotated[str | None, Depends(owner_scope)]
 
 
+def _key_schema(schema: dict[str, Any]) -> None:
+    # A header is absent or a string (never null), bounded as parse_key checks it; parse_key,
+    # not FastAPI, refuses a bad one, so that its 422 names the header.
+    schema.pop("anyOf", None)
+    schema.update(type="string", minLength=1, maxLength=idempotency.KEY_MAX_CHARS,
+                  pattern=idempotency.KEY_PATTERN)
+
+
+def idempotency_key(value: Annotated[str | None, Header(
+    alias=idempotency.HEADER, description=idempotency.KEY_DESCRIPTION,
+    json_schema_extra=_key_schema)] = None) -> str | None:
+    """The request's Idempotency-Key, or None without one."""
+    return idempotency.parse_key(value)
+
+
+IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
+
+
+def idempotent_response(outcome: idempotency.Outcome) -> JSONResponse:
+    """A keyed POST's answer; a stored one says so."""
+    headers = {idempotency.REPLAYED_HEADER: "true"} if outcome.replayed else None
+    return JSONResponse(outcome.body, status_code=outcome.status, headers=headers)
+
+
 def _held_stream(slots: OwnerSlots, owner: str, stream: AsyncIterator[str]
                  ) -> StreamingResponse:
     """An event-stream response holding one of `owner`'s stream slots: taken now (429 before
@@ -241,9 +265,11 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
         return {"status": "ready"}
 
     @app.post("/api/v1/jobs", status_code=201, response_model=JobPublic, tags=["jobs"])
-    def submit_job(spec: JobSpec, db: DbDep, key: KeyDep) -> dict[str, Any]:
-        """Queue a tuning job; workers start on it at once."""
-        return jobs.job_public(db, jobs.create_job(db, key.owner, spec))
+    def submit_job(spec: JobSpec, db: DbDep, key: KeyDep, idem_key: IdempotencyKeyDep
+                   ) -> JSONResponse:
+        """Queue a tuning job; workers start on it at once. With an Idempotency-Key, a retry
+        answers the first job instead of making a second."""
+        return idempotent_response(idempotency.submit_job(db, key.owner, spec, idem_key))
 
     @app.get("/api/v1/jobs", response_model=JobsPublic, tags=["jobs"])
     def list_jobs(db: DbDep, owner: OwnerDep,
@@ -314,16 +340,18 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
     def upload_dataset(
         db: DbDep, key: KeyDep,
         file: Annotated[UploadFile, File(description="CSV with a header row, or NPZ (X, y)")],
+        idem_key: IdempotencyKeyDep,
         target: Annotated[str | None, Form(max_length=200)] = None,
         name: Annotated[str | None, Form(max_length=200)] = None,
-    ) -> dict[str, Any]:
-        """Upload a dataset; jobs may then name it by its id."""
+    ) -> JSONResponse:
+        """Upload a dataset; jobs may then name it by its id. With an Idempotency-Key, a retry
+        answers the first dataset instead of storing a second."""
         limit = db.settings.max_upload_bytes
         raw = file.file.read(limit + 1)
         if len(raw) > limit:
             raise TooLarge(f"file larger than {limit} bytes", field="file")
-        row = datasets.create_dataset(db, key.owner, file.filename or "upload", raw, target, name)
-        return datasets.dataset_public(row)
+        return idempotent_response(idempotency.upload_dataset(
+            db, key.owner, file.filename or "upload", raw, target, name, idem_key))
 
     @app.get("/api/v1/datasets", response_model=DatasetsPublic, tags=["datasets"])
     def list_datasets(db: DbDep, owner: OwnerDep) -> dict[str, Any]:
@@ -369,6 +397,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                           headers={"Retry-After": "5"})
         if isinstance(exc, QuotaExceeded):
             headers = {"Retry-After": "60"}
+        if isinstance(exc, idempotency.RequestInProgress):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         errors = [{"field": exc.field, "message": exc.message}] if exc.field else []
         return _error(exc.status_code, exc.message, errors, headers)
 

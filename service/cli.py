@@ -258,7 +258,9 @@ def submit(
         err.print(f"[red]{file} is not valid JSON: {exc}")
         raise typer.Exit(2) from None
     client = _client(url, key)
-    job = _api_call(client.submit, spec)
+    # One Idempotency-Key for every attempt: a submission whose answer was lost is sent again
+    # and still makes one job.
+    job = _api_call(lambda: client.submit(spec, on_retry=err.print))
     console.print(f"submitted job {job['id']} ({job['name']}): {job['n_trials']} trials")
     if watch_:
         _api_call(watch, client, job["id"], console)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +29,47 @@ class ApiError(Exception):
     """A non-2xx answer, with the server's message."""
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a creating request is sent again when its answer is lost: `attempts` sends in all,
+    waiting about base_s, 2 * base_s, 4 * base_s ... (at most cap_s, or the server's
+    Retry-After up to cap_s) between them, with jitter so that clients do not retry in step."""
+
+    attempts: int = 5
+    base_s: float = 0.5
+    cap_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be at least 1, got {self.attempts}")
+        if not 0 <= self.base_s <= self.cap_s:
+            raise ValueError(f"need 0 <= base_s <= cap_s, got {self.base_s}, {self.cap_s}")
+
+    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (0 for the first)."""
+        if retry_after_s is not None:
+            return min(max(retry_after_s, 0.0), self.cap_s)
+        delay = min(self.base_s * 2**attempt, self.cap_s)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+
+# Submissions and uploads carry an Idempotency-Key, so sending one again never makes a second
+# job or dataset: they are retried after a timeout, a lost connection, a 5xx, or a 409 that
+# asks to come back (Retry-After: the first attempt is still in progress).
+CREATE_RETRY = RetryPolicy()
+
+
+def _retry_after_s(r: httpx.Response) -> float | None:
+    try:
+        return float(r.headers["retry-after"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _worth_retrying(r: httpx.Response) -> bool:
+    return r.status_code >= 500 or (r.status_code == 409 and "retry-after" in r.headers)
+
+
 class Client:
     """A thin typed wrapper over the REST API."""
 
@@ -32,7 +78,33 @@ class Client:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout_s)
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        r = self.http.request(method, path, **kwargs)
+        return self._checked(self.http.request(method, path, **kwargs))
+
+    def _send_idempotent(self, path: str, policy: RetryPolicy, key: str | None,
+                         on_retry: Callable[[str], None] | None, **kwargs: Any
+                         ) -> httpx.Response:
+        """POST with an Idempotency-Key (a fresh uuid4 unless given), sent again under
+        `policy` with the same key while no answer arrives or the answer says to retry."""
+        headers = {"Idempotency-Key": key or str(uuid.uuid4())}
+        for attempt in range(policy.attempts):
+            last = attempt == policy.attempts - 1
+            try:
+                r = self.http.post(path, headers=headers, **kwargs)
+            except httpx.TransportError as exc:  # timeouts, refused or dropped connections
+                if last:
+                    raise
+                why, wait = f"no answer ({type(exc).__name__})", policy.delay_s(attempt)
+            else:
+                if last or not _worth_retrying(r):
+                    return self._checked(r)
+                why, wait = f"HTTP {r.status_code}", policy.delay_s(attempt, _retry_after_s(r))
+            if on_retry is not None:
+                on_retry(f"{why}; sending it again with the same Idempotency-Key in "
+                         f"{wait:.1f} s (attempt {attempt + 2} of {policy.attempts})")
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _checked(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
             try:
                 body = r.json()
@@ -50,8 +122,22 @@ class Client:
         r = self._send(method, path, **kwargs)
         return r.json() if r.content else None
 
-    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", "/api/v1/jobs", json=spec)
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None,
+               on_retry: Callable[[str], None] | None = None,
+               policy: RetryPolicy = CREATE_RETRY) -> dict[str, Any]:
+        """Submit a job; retried with one Idempotency-Key, so it makes one job at most."""
+        return self._send_idempotent("/api/v1/jobs", policy, idempotency_key, on_retry,
+                                     json=spec).json()
+
+    def upload_dataset(self, path: Path, target: str | None = None, name: str | None = None,
+                       idempotency_key: str | None = None,
+                       on_retry: Callable[[str], None] | None = None,
+                       policy: RetryPolicy = CREATE_RETRY) -> dict[str, Any]:
+        """Upload a CSV or NPZ dataset; retried like submit, so it stores one dataset."""
+        form = {k: v for k, v in (("target", target), ("name", name)) if v is not None}
+        return self._send_idempotent("/api/v1/datasets", policy, idempotency_key, on_retry,
+                                     files={"file": (path.name, path.read_bytes())},
+                                     data=form).json()
 
     def job(self, job_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}")

@@ -20,6 +20,7 @@ import math
 import zipfile
 from array import array
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -525,7 +526,8 @@ def _check_dataset_quota(session: Any, settings: Settings, owner: str,
 
 
 def create_dataset(db: Database, owner: str, filename: str, raw: bytes, target: str | None,
-                   name: str | None) -> UploadedDataset:
+                   name: str | None,
+                   on_insert: Callable[[Any, int], None] | None = None) -> UploadedDataset:
     """Parse, check and store an upload; answers with the stored row.
 
     The owner's quotas are checked before parsing (cheaply, to refuse early) and again under
@@ -564,6 +566,9 @@ def create_dataset(db: Database, owner: str, filename: str, raw: bytes, target: 
         _check_dataset_quota(s, settings, owner, len(content))
         s.add(row)
         s.flush()
+        if on_insert is not None:
+            # In the insert's transaction (idempotency.Claim.record): both commit, or neither.
+            on_insert(s, row.id)
         s.expunge(row)
     return row
 

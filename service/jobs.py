@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import bindparam, func, select, text, update
+from pydantic import ValidationError
+from sqlalchemy import bindparam, delete, func, select, text, update
 
 from search import (
     JobSpec,
@@ -33,7 +35,7 @@ from search.memory import (
     output_units,
 )
 from search.spec import in_space
-from search.study import sampler_available
+from search.study import sampler_available, study_is_ready
 from service.db import SLOT_STATES, Database, is_transient, retrying
 from service.errors import (
     Conflict,
@@ -156,8 +158,14 @@ def warm_start_configs(db: Database, owner: str, spec: JobSpec) -> list[dict[str
     return configs
 
 
-def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
-    """Store a queued job and create its study, with the spec as study attributes."""
+def create_job(db: Database, owner: str, spec: JobSpec,
+               on_insert: Callable[[Any, int], None] | None = None) -> Job:
+    """Store a queued job and create its study, with the spec as study attributes.
+
+    Crash-safe: a process that dies after the job's row is committed leaves a queued job
+    without a study, which the reaper finishes after HPTUNE_CREATION_GRACE_SECONDS
+    (repair_half_created). Both create the study under the job's lock, so only one does.
+    """
     _check_spec(db, owner, spec)
     if spec.timeout_seconds is None:
         # Stored in the spec, so the job and its report say when it will end.
@@ -177,20 +185,121 @@ def create_job(db: Database, owner: str, spec: JobSpec) -> Job:
         s.add(job)
         s.flush()
         job_id = job.id
+        if on_insert is not None:
+            # In the insert's transaction (idempotency.Claim.record): both commit, or neither.
+            on_insert(s, job_id)
+        _crash_point(db, "before_row")
+    _crash_point(db, "after_row")
+    with db.job_lock(job_id):
+        try:
+            _create_job_study(db, job_id, owner, spec, warm)
+        except Exception:
+            _discard_job(db, job_id)
+            raise
+    return get_job(db, None, job_id)
+
+
+def _create_job_study(db: Database, job_id: int, owner: str, spec: JobSpec,
+                      warm: list[dict[str, Any]], *, repaired: bool = False) -> str:
+    """Create job `job_id`'s study and store its name in the job; the caller holds the lock.
+
+    A study that create_study finished for this spec is kept (its creator died before storing
+    the name); a half-made one is deleted and made again. Retried whole on transient errors.
+    """
     name = study_name_for(job_id)
-    try:
-        retrying(lambda: create_study(spec, db.storage, name, {
-            "job_id": job_id, "job_name": spec.name, "owner": owner,
-            "dataset": spec.dataset, "n_trials": spec.n_trials,
-        }, warm))
-    except Exception:
+    attrs = {"job_id": job_id, "job_name": spec.name, "owner": owner,
+             "dataset": spec.dataset, "n_trials": spec.n_trials}
+
+    def ensure() -> None:
+        ready = study_is_ready(db.storage, name, spec)
+        if ready:
+            return
+        if ready is False:
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=db.storage)
+        try:
+            create_study(spec, db.storage, name, attrs, warm, load_if_exists=False,
+                         on_created=lambda: _crash_point(db, "after_study"))
+        except optuna.exceptions.DuplicatedStudyError:
+            # Made meanwhile by a process outside the job's lock: kept only once finished.
+            if not study_is_ready(db.storage, name, spec):
+                raise Conflict(f"study {name!r} is being created by another process") from None
+
+    retrying(ensure)
+    if repaired:
+        retrying(lambda: db.storage.set_study_user_attr(
+            db.storage.get_study_id_from_name(name), "repaired", True))
+    _crash_point(db, "after_create_study")
+
+    def store() -> None:
         with db.session() as s:
-            s.delete(s.get(Job, job_id))
-        raise
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        job.study_name = name
-    return job
+            s.execute(update(Job).where(Job.id == job_id, Job.study_name.is_(None))
+                      .values(study_name=name))
+    retrying(store)
+    return name
+
+
+def _discard_job(db: Database, job_id: int) -> None:
+    """Undo a creation that failed (the caller holds the job's lock): its study, then its row.
+
+    Best effort: if the database is down, the half-created job stays, and the reaper finishes
+    it once the database is back (repair_half_created).
+    """
+    try:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=study_name_for(job_id), storage=db.storage)
+        with db.session() as s:
+            s.execute(delete(Job).where(Job.id == job_id, Job.study_name.is_(None)))
+    except Exception as exc:
+        log.warning("job %s: could not undo its failed creation (%s); the reaper will finish "
+                    "creating it", job_id, exc)
+
+
+def _crash_point(db: Database, step: str) -> None:
+    """Fault injection for tests (HPTUNE_TEST_CRASH_IN_CREATE): die at `step` of job creation
+    as a killed process would, with no cleanup."""
+    if db.settings.test_crash_in_create == step:
+        log.error("HPTUNE_TEST_CRASH_IN_CREATE: exiting at %s", step)
+        os._exit(1)
+
+
+def creation_abandoned(db: Database, job: Job) -> bool:
+    """Whether `job` is queued without a study for longer than the creation grace: the
+    remains of a creation whose process died, for repair_half_created to finish."""
+    if job.study_name or job.status != "queued" or job.created_at is None:
+        return False
+    age_s = (utcnow() - as_utc(job.created_at)).total_seconds()
+    return age_s > db.settings.creation_grace_seconds
+
+
+def repair_half_created(db: Database, job_id: int) -> bool:
+    """Finish creating a job whose creator died between storing its row and its study's name.
+
+    The study is created from the stored spec (warm-start configurations recomputed as
+    create_job does), a half-made one is made again, a finished one is adopted; the study
+    says `repaired: true`. A spec that no longer validates fails the job with the reason.
+    Returns True if it repaired the job.
+    """
+    with db.job_lock(job_id):
+        try:
+            job = get_job(db, None, job_id)
+        except NotFound:
+            return False
+        if not creation_abandoned(db, job):
+            return False  # created meanwhile, cancelled, or not old enough
+        try:
+            spec = JobSpec.model_validate(job.spec)
+            warm = warm_start_configs(db, job.owner, spec)
+        except (ValidationError, InvalidSpec) as exc:
+            reason = exc.message if isinstance(exc, InvalidSpec) else str(exc)
+            log.warning("job %s: its creation was interrupted and cannot be finished: %s",
+                        job_id, reason)
+            _set_status(db, job_id, "failed",
+                        f"job creation was interrupted and cannot be finished: {reason}")
+            return False
+        name = _create_job_study(db, job_id, job.owner, spec, warm, repaired=True)
+    log.warning("job %s: finished its interrupted creation (study %s)", job_id, name)
+    return True
 
 
 def get_job(db: Database, owner: str | None, job_id: int) -> Job:
@@ -331,9 +440,10 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
     job = get_job(db, owner, job_id)
     if job.status in ACTIVE:
         raise Conflict(f"job {job_id} is {job.status}; cancel it first")
-    if job.study_name:
-        with contextlib.suppress(KeyError):
-            retrying(lambda: optuna.delete_study(study_name=job.study_name, storage=db.storage))
+    # A job cancelled before its creation was finished may have a half-made study.
+    name = job.study_name or study_name_for(job.id)
+    with contextlib.suppress(KeyError):
+        retrying(lambda: optuna.delete_study(study_name=name, storage=db.storage))
     with db.session() as s:
         s.delete(s.get(Job, job_id))
 
@@ -841,7 +951,8 @@ def _one_job(db: Database, job_id: int) -> Iterator[None]:
 
 
 def reap(db: Database) -> int:
-    """Fail trials whose worker died, queue their retries, settle job statuses and timeouts.
+    """Fail trials whose worker died, queue their retries, settle job statuses and timeouts,
+    and finish creating jobs whose creator died (repair_half_created).
 
     Needs no live worker: the API process runs it every few seconds, idle workers too. Just
     after this process saw an outage it waits for live workers to beat again before failing
@@ -856,6 +967,8 @@ def reap(db: Database) -> int:
     for job_id in ids:
         with _one_job(db, job_id):
             job = get_job(db, None, job_id)
+            if creation_abandoned(db, job):
+                repair_half_created(db, job_id)
             if job.study_name and quiet:
                 _reap_job(db, job)
             refresh_job(db, job_id)

@@ -5,7 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, LargeBinary, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -109,4 +119,34 @@ class DashboardSession(Base):
     owner: Mapped[str] = mapped_column(String(100))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class IdempotencyKey(Base):
+    """A client's Idempotency-Key on a creating POST and what that request answered.
+
+    One row per (owner, key): a retry with the key gets the stored answer instead of a second
+    job or dataset (service/idempotency.py).
+    """
+
+    __tablename__ = "hptune_idempotency_keys"
+    __table_args__ = (UniqueConstraint("owner", "key", name="uq_hptune_idempotency_owner_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the request's canonical form: the same key with another request is a 422.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    # pending (a request holds it) | done (response_* hold the answer)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # The holding request's random token: only its holder may record what it created.
+    attempt: Mapped[str] = mapped_column(String(32))
+    # When the holder took the key; after idempotency.LEASE_S another request may take over.
+    locked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The job or dataset id, written in the transaction that inserts it.
+    resource_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 index=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     # Fault injection for tests only: "NAME=VALUE" makes a worker hard-exit (os._exit(1))
     # after the first epoch of every trial whose parameter NAME equals VALUE (a poison trial).
     test_crash_on_param: str | None = None
+    # Fault injection for tests only: the API process hard-exits (os._exit(1)) at this step
+    # of job creation (service.jobs._crash_point), to show that half-created jobs are repaired.
+    test_crash_in_create: Literal["before_row", "after_row", "after_study",
+                                  "after_create_study"] | None = None
+    # Seconds a queued job may stay without its study before the reaper takes it for the
+    # remains of a crashed creation and finishes creating it (jobs.repair_half_created).
+    creation_grace_seconds: float = Field(default=30.0, gt=0)
     # Bounds that job specs must respect.
     max_trials_per_job: int = Field(default=10_000, ge=1)
     max_epochs_per_trial: int = Field(default=1_000, ge=1)
@@ -79,6 +86,9 @@ class Settings(BaseSettings):
     max_renders_per_owner: int = Field(default=2, ge=1)
     # Seconds a dashboard login lasts (the session's expiry and its cookie's Max-Age).
     dashboard_session_seconds: int = Field(default=8 * 3600, ge=60)
+    # Seconds an Idempotency-Key of POST /jobs or /datasets is remembered (per owner): a retry
+    # within them gets the first answer (service/idempotency.py). At most 30 days.
+    idempotency_seconds: int = Field(default=24 * 3600, ge=1, le=30 * 24 * 3600)
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:
@@ -91,6 +101,8 @@ class Settings(BaseSettings):
             raise ValueError("HPTUNE_POOL_SIZE + HPTUNE_MAX_OVERFLOW must be at least 2")
         if self.environment == "production" and self.test_crash_on_param:
             raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM is for tests; unset it in production")
+        if self.environment == "production" and self.test_crash_in_create:
+            raise ValueError("HPTUNE_TEST_CRASH_IN_CREATE is for tests; unset it in production")
         if self.test_crash_on_param is not None and "=" not in self.test_crash_on_param:
             raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM must look like NAME=VALUE")
         return self

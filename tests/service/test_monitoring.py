@@ -179,7 +179,8 @@ def test_event_stream_delivers_the_final_state(server):
 def test_metrics_parse_with_the_prometheus_parser(finished, server):
     _, job, _ = finished
     report = server.client("monitor").get(f"/api/v1/jobs/{job['id']}/report").json()
-    text = httpx.get(f"{server.url}/metrics").text
+    admin = create_key(server.env, "prometheus", admin=True)
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     jobs = {s.labels["status"]: s.value for s in families["hptune_jobs"].samples}
     assert jobs["succeeded"] >= 1
