@@ -149,9 +149,9 @@ def start_bare(tmp: Path, port: int) -> subprocess.Popen:
 
 def make_keys(database_url: str, n: int) -> list[str]:
     """Keys for n owners, made straight in the database (the CLI would take a process each)."""
-    from service.jobs import open_database
     from service.keys import create_key
     from service.migrate import upgrade
+    from service.scheduler import open_database
     from service.settings import Settings
 
     db = open_database(Settings(database_url=database_url))

@@ -134,8 +134,8 @@ def serve(
     import uvicorn
 
     from service.api import create_app
-    from service.jobs import open_database
     from service.migrate import upgrade
+    from service.scheduler import open_database
 
     _setup_logging()
     settings = _settings()
@@ -159,8 +159,8 @@ def worker(
 ) -> None:
     """Run one standalone worker (start as many as you have cores, on any machine)."""
     if check:
-        from service.jobs import open_database
         from service.registry import WORKER_LIVE_WINDOW_S, live_workers
+        from service.scheduler import open_database
 
         host = socket.gethostname()
         try:
@@ -182,8 +182,8 @@ def worker(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or upgrade the service's tables and Optuna's."""
-    from service.jobs import open_database
     from service.migrate import upgrade
+    from service.scheduler import open_database
 
     db = open_database(_settings())
     upgrade(db)
@@ -196,9 +196,9 @@ def keys_create(
     admin: Annotated[bool, typer.Option("--admin", help="Sees every owner's jobs.")] = False,
 ) -> None:
     """Create an API key; the key is printed once, alone on the last line."""
-    from service.jobs import open_database
     from service.keys import create_key
     from service.migrate import upgrade
+    from service.scheduler import open_database
 
     db = open_database(_settings())
     upgrade(db)
@@ -213,8 +213,8 @@ def keys_create(
 @keys_app.command("list")
 def keys_list() -> None:
     """List keys without their secrets."""
-    from service.jobs import open_database
     from service.keys import list_keys
+    from service.scheduler import open_database
 
     db = open_database(_settings())
     with db.session() as s:
@@ -230,8 +230,8 @@ def keys_list() -> None:
 def keys_revoke(key_id: Annotated[int, typer.Argument(help="Key id from `keys list`.")]) -> None:
     """Revoke a key; requests with it get 401 from then on."""
     from service.errors import NotFound
-    from service.jobs import open_database
     from service.keys import revoke_key
+    from service.scheduler import open_database
 
     db = open_database(_settings())
     try:
@@ -354,8 +354,8 @@ def dashboard(
     import uvicorn
 
     from service.dashboard import LOGIN_PATH, create_dashboard_app
-    from service.jobs import open_database
     from service.migrate import upgrade
+    from service.scheduler import open_database
 
     _setup_logging()
     db = open_database(_settings())

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     test_crash_in_create: Literal["before_row", "after_row", "after_study",
                                   "after_create_study"] | None = None
     # Seconds a queued job may stay without its study before the reaper takes it for the
-    # remains of a crashed creation and finishes creating it (jobs.repair_half_created).
+    # remains of a crashed creation and finishes creating it (reaper.repair_half_created).
     creation_grace_seconds: float = Field(default=30.0, gt=0)
     # Bounds that job specs must respect.
     max_trials_per_job: int = Field(default=10_000, ge=1)

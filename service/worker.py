@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from threadpoolctl import threadpool_limits
 
 from search import TrialOutcome, build_sampler, load_study, run_trial
-from service import jobs
+from service import jobs, reaper, scheduler
 from service.datasets import load_job_dataset
 from service.db import Database, JobLock, is_transient
 from service.errors import DatabaseUnavailable
@@ -113,10 +113,10 @@ class Worker:
         # finished trial once instead of the whole study before every trial.
         self._studies: dict[str, optuna.Study] = {}
         # The job this worker ran its last trial for (informational: every trial re-picks).
-        self._current: jobs.Candidate | None = None
+        self._current: scheduler.Candidate | None = None
         self._identity = process_identity()
 
-    def _study(self, claim: jobs.Claim) -> optuna.Study:
+    def _study(self, claim: scheduler.Claim) -> optuna.Study:
         """The claim's study, with a sampler seeded by the claim number."""
         study = self._studies.pop(claim.study_name, None)
         if study is None:
@@ -150,7 +150,7 @@ class Worker:
                     # Busy or idle, workers reap too: a dead peer's trial is retried sooner.
                     last_reap = time.monotonic()
                     try:
-                        jobs.reap(self.db)
+                        reaper.reap(self.db)
                     except Exception as exc:
                         log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
                 try:
@@ -198,11 +198,11 @@ class Worker:
     def run_one(self) -> bool:
         """Claim a slot of the fairest job with room and run its trial; False if no work.
 
-        One claim per trial: after each trial the worker picks again (jobs.claimable_jobs:
+        One claim per trial: after each trial the worker picks again (scheduler.claimable_jobs:
         the owner with the fewest running trials first), so it never stays on one owner's
         job while another owner's job waits.
         """
-        for cand in jobs.claimable_jobs(self.db):
+        for cand in scheduler.claimable_jobs(self.db):
             if self._stop.is_set():
                 return False
             if self._try(cand):
@@ -211,7 +211,7 @@ class Worker:
         self._current = None
         return False
 
-    def _try(self, cand: jobs.Candidate) -> bool:
+    def _try(self, cand: scheduler.Candidate) -> bool:
         """Run one trial of the candidate job if a slot is free."""
         db = self.db
         try:
@@ -219,12 +219,12 @@ class Worker:
         except Exception as exc:
             if isinstance(exc, DatabaseUnavailable) or is_transient(exc):
                 raise
-            jobs.fail_job(db, cand.job_id, f"dataset {cand.spec.dataset!r}: {exc}")
+            scheduler.fail_job(db, cand.job_id, f"dataset {cand.spec.dataset!r}: {exc}")
             return False
         lock = db.job_lock(cand.job_id)
         lock.acquire()
         try:
-            claim = jobs.claim_slot(db, cand.job_id)
+            claim = scheduler.claim_slot(db, cand.job_id)
             if claim is None:
                 return False
             self._announce("busy", force=self.trials_run == 0)
@@ -234,7 +234,7 @@ class Worker:
         finally:
             lock.release()
 
-    def run_claim(self, claim: jobs.Claim, data: object, lock: JobLock | None = None) -> None:
+    def run_claim(self, claim: scheduler.Claim, data: object, lock: JobLock | None = None) -> None:
         """Run the claimed slot's trial; whatever happens, the trial ends told or failed.
 
         `lock` (the job's claim lock, if held) is released as soon as the trial exists.
@@ -263,7 +263,7 @@ class Worker:
         def stop_with(cause: str | None) -> str:
             if cause and started:
                 try:
-                    started[0].set_user_attr(jobs.STOP_CAUSE, cause)
+                    started[0].set_user_attr(scheduler.STOP_CAUSE, cause)
                 except Exception as exc:
                     log.warning("could not record stop cause: %s", _one_line(exc))
             return cause or "cancelled"
@@ -278,17 +278,17 @@ class Worker:
                 logging.shutdown()
                 os._exit(TEST_CRASH_EXIT_CODE)
             if self.stopping:
-                return stop_with(jobs.HANDED_BACK)
+                return stop_with(scheduler.HANDED_BACK)
             if claim.deadline is not None and time.time() >= claim.deadline:
-                jobs.refresh_job(db, claim.job_id)  # marks the job timed out
-                return stop_with(jobs.TIMED_OUT)
+                scheduler.refresh_job(db, claim.job_id)  # marks the job timed out
+                return stop_with(scheduler.TIMED_OUT)
             # A cancel stops the trial within one epoch plus CANCEL_POLL_MIN_S: the status is
             # read at every epoch end, but not more often than that (very short epochs would
             # otherwise pay a database round trip each).
             now = time.monotonic()
             if now - last_status_read[0] >= CANCEL_POLL_MIN_S:
                 last_status_read[0] = now
-                if jobs.job_status(db, claim.job_id) not in jobs.ACTIVE:
+                if scheduler.job_status(db, claim.job_id) not in jobs.ACTIVE:
                     return stop_with(None)
             # A long trial keeps the worker's registry row fresh too (rate-limited).
             self._announce("busy")
@@ -319,7 +319,7 @@ class Worker:
                 for hb in heartbeat:
                     hb.stop()
 
-    def _settle(self, claim: jobs.Claim, study: optuna.Study, started: list[optuna.Trial],
+    def _settle(self, claim: scheduler.Claim, study: optuna.Study, started: list[optuna.Trial],
                 outcome: TrialOutcome | None, error: BaseException | None) -> None:
         """Leave the trial told (COMPLETE/PRUNED) or FAIL with its retry queued."""
         db = self.db
@@ -329,12 +329,12 @@ class Worker:
                 frozen = study._storage.get_trial(trial_id)
                 if frozen.state == TrialState.RUNNING:
                     # The tell never landed (an outage outlasted the retries): fail it here.
-                    jobs.fail_trial(db, study, trial_id, reason="failed",
+                    reaper.fail_trial(db, study, trial_id, reason="failed",
                                     error=_one_line(error) if error else "not told")
                     frozen = study._storage.get_trial(trial_id)
                 if frozen.state == TrialState.FAIL:
-                    jobs.retry_failed_trial(db, study, frozen)
-            jobs.refresh_job(db, claim.job_id)
+                    scheduler.retry_failed_trial(db, study, frozen)
+            scheduler.refresh_job(db, claim.job_id)
         except Exception as exc:
             # The database is still away: the trial stays RUNNING without heartbeats, and the
             # reaper fails and retries it after the grace period.
@@ -356,7 +356,7 @@ def run_worker(settings: Settings) -> None:
     """Entry point of `hptune worker`: migrate, then loop until SIGTERM or SIGINT."""
     from service.migrate import upgrade
 
-    db = jobs.open_database(settings, role="worker", retry_seconds=settings.db_retry_seconds)
+    db = scheduler.open_database(settings, role="worker", retry_seconds=settings.db_retry_seconds)
     worker = Worker(db)
 
     def on_signal(signum: int, _frame: object) -> None:

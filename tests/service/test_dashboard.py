@@ -60,9 +60,9 @@ class World:
 def world(module_backend) -> World:
     """On SQLite and on PostgreSQL: the scope's and the sessions' SQL must hold on both."""
     from service.api import create_app
-    from service.jobs import open_database
     from service.keys import create_key as make_key
     from service.migrate import upgrade
+    from service.scheduler import open_database
     from service.settings import Settings
 
     url = module_backend.url

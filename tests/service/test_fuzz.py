@@ -15,10 +15,10 @@ from schemathesis import checks
 from starlette.testclient import TestClient
 
 from service.api import create_app
-from service.jobs import open_database
 from service.keys import create_key
 from service.migrate import upgrade
 from service.models import Job
+from service.scheduler import open_database
 from service.settings import Settings
 from service.worker import Worker
 

@@ -21,7 +21,7 @@ from sqlalchemy import update
 
 from search import JobSpec, create_study, study_name_for
 from search.study import STUDY_READY_ATTR, distributions, study_is_ready
-from service import jobs
+from service import jobs, reaper, scheduler
 from service.keys import create_key
 from service.migrate import upgrade
 from service.models import Job, utcnow
@@ -39,7 +39,7 @@ LONG_AGO_S = 3600
 def db(tmp_path):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'create.db'}",
                         creation_grace_seconds=30)
-    database = jobs.open_database(settings)
+    database = scheduler.open_database(settings)
     upgrade(database)
     yield database
     database.dispose()
@@ -93,19 +93,19 @@ def test_reaper_creates_the_study_of_a_job_left_without_one_and_the_job_runs(db)
     """A crash right after the job's row was committed: after the grace period the reaper
     creates the study from the stored spec, and the job runs to exactly n_trials."""
     job_id = _orphan(db, age_s=0)
-    jobs.reap(db)  # within the grace period: its creator may still be at work
+    reaper.reap(db)  # within the grace period: its creator may still be at work
     assert jobs.get_job(db, None, job_id).study_name is None
     assert study_is_ready(db.storage, study_name_for(job_id), JobSpec(**SPEC)) is None
-    assert jobs.claimable_jobs(db) == []
+    assert scheduler.claimable_jobs(db) == []
 
     with db.session() as s:
         s.execute(update(Job).where(Job.id == job_id)
                   .values(created_at=utcnow() - timedelta(seconds=LONG_AGO_S)))
-    jobs.reap(db)
+    reaper.reap(db)
     _assert_repaired(db, job_id)
 
     Worker(db, "repair-worker").run(max_trials=3)
-    jobs.reap(db)
+    reaper.reap(db)
     job = jobs.get_job(db, None, job_id)
     assert job.status == "succeeded", (job.status, job.error)
     trials = jobs.job_trials(db, "alice", job_id)
@@ -129,7 +129,7 @@ def test_a_half_made_study_is_made_again(db):
     with pytest.raises(Died):  # the bare study, without attributes or queued trials
         create_study(spec, db.storage, name, _attrs(job_id), on_created=die)
     assert study_is_ready(db.storage, name, spec) is False
-    jobs.reap(db)
+    reaper.reap(db)
     first = _assert_repaired(db, job_id)
 
     # Past its queued trials, before the mark (as if set_user_attr never ran).
@@ -138,7 +138,7 @@ def test_a_half_made_study_is_made_again(db):
     half.set_user_attr(STUDY_READY_ATTR, False)
     half.set_user_attr("left_by_the_dead_creator", True)
     assert len(_waiting(half)) == 1
-    jobs.reap(db)
+    reaper.reap(db)
     study = _assert_repaired(db, other)
     assert "left_by_the_dead_creator" not in study.user_attrs  # made again, not patched
     assert first.user_attrs["job_id"] == job_id
@@ -150,10 +150,10 @@ def test_a_finished_study_whose_name_was_never_stored_is_adopted(db):
     job_id = _orphan(db)
     made = create_study(JobSpec(**SPEC), db.storage, study_name_for(job_id), _attrs(job_id))
     assert study_is_ready(db.storage, study_name_for(job_id), JobSpec(**SPEC)) is True
-    assert jobs.repair_half_created(db, job_id) is True
+    assert reaper.repair_half_created(db, job_id) is True
     study = _assert_repaired(db, job_id)
     assert study._study_id == made._study_id
-    assert jobs.repair_half_created(db, job_id) is False  # once only
+    assert reaper.repair_half_created(db, job_id) is False  # once only
 
 
 def test_warm_start_configs_are_recomputed_from_the_earlier_job(db):
@@ -168,7 +168,7 @@ def test_warm_start_configs_are_recomputed_from_the_earlier_job(db):
                                                   value=value))
     spec = _stored({**SPEC, "warm_start": {"from_job": earlier.id, "top_k": 1}})
     job_id = _orphan(db, spec)
-    jobs.reap(db)
+    reaper.reap(db)
     job = jobs.get_job(db, None, job_id)
     assert job.study_name == study_name_for(job_id), (job.status, job.error)
     waiting = _waiting(_study(db, job_id))
@@ -183,13 +183,13 @@ def test_a_job_that_cannot_be_finished_fails_with_the_reason(db):
     with pytest.raises(ValidationError):
         JobSpec.model_validate(jobs.get_job(db, None, broken).spec)
     gone = _orphan(db, _stored({**SPEC, "warm_start": {"from_job": 999}}))
-    jobs.reap(db)
+    reaper.reap(db)
     for job_id, words in ((broken, "n_trials"), (gone, "no job 999")):
         job = jobs.get_job(db, None, job_id)
         assert job.status == "failed", (job.status, job.error)
         assert "cannot be finished" in job.error and words in job.error, job.error
         assert study_is_ready(db.storage, study_name_for(job_id), JobSpec(**SPEC)) is None
-    assert jobs.active_job_ids(db) == []
+    assert reaper.active_job_ids(db) == []
 
 
 def test_create_job_and_the_repair_never_both_create_the_study(db):
@@ -199,10 +199,10 @@ def test_create_job_and_the_repair_never_both_create_the_study(db):
     result: list[bool] = []
     with db.job_lock(job_id):
         repairer = threading.Thread(target=lambda: result.append(
-            jobs.repair_half_created(db, job_id)))
+            reaper.repair_half_created(db, job_id)))
         repairer.start()
         # What create_job does under the lock, while the repair waits for it.
-        jobs._create_job_study(db, job_id, "alice", JobSpec(**SPEC), [])
+        jobs.create_job_study(db, job_id, "alice", JobSpec(**SPEC), [])
     repairer.join(timeout=60)
     assert result == [False]
     study = _study(db, job_id)

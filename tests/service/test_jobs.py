@@ -1,5 +1,6 @@
-"""service/jobs.py and the API around it, in process on a real SQLite file: the reaper's
-resilience to a broken job, quotas, report headers, and what a database outage tells."""
+"""service/jobs.py, scheduler.py, reaper.py and the API around them, in process on a real
+SQLite file: the reaper's resilience to a broken job, quotas, report headers, and what a
+database outage tells."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from sqlalchemy import update
 from starlette.testclient import TestClient
 
-from service import jobs
+from service import reaper, scheduler
 from service.api import create_app
 from service.keys import create_key
 from service.migrate import upgrade
@@ -26,7 +27,7 @@ SMALL = {"n_trials": 2, "max_epochs": 2, "model": {"hidden_layers": [8]}}
 def app_db(tmp_path):
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
                         max_queued_trials_per_owner=10)
-    db = jobs.open_database(settings)
+    db = scheduler.open_database(settings)
     upgrade(db)
     with db.session() as s:
         _, key = create_key(s, "alice")
@@ -56,7 +57,7 @@ def test_reaper_goes_on_past_a_job_whose_study_is_gone(app_db):
     with db.session() as s:
         s.execute(update(Job).where(Job.id == later).values(
             status="running", started_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)))
-    jobs.reap(db)
+    reaper.reap(db)
     a = client.get(f"/api/v1/jobs/{broken}").json()
     b = client.get(f"/api/v1/jobs/{later}").json()
     assert a["status"] == "failed" and "no longer exists" in a["error"], a
@@ -71,7 +72,7 @@ def test_trial_quota_counts_running_trials(app_db):
     client, db = app_db
     job_id = _submit(client, n_trials=8)
     with db.job_lock(job_id):
-        claim = jobs.claim_slot(db, job_id)
+        claim = scheduler.claim_slot(db, job_id)
         assert claim is not None
         optuna.load_study(study_name=claim.study_name, storage=db.storage).ask()
     r = client.post("/api/v1/jobs", json={**SMALL, "n_trials": 3})
@@ -98,7 +99,7 @@ def test_an_outage_answers_503_without_the_drivers_words(tmp_path):
     port = free_port()  # nothing listens there
     settings = Settings(database_url=f"postgresql+psycopg://u:pw@127.0.0.1:{port}/nowhere",
                         db_retry_seconds=0)
-    app = create_app(settings, jobs.open_database(settings, retry_seconds=0))
+    app = create_app(settings, scheduler.open_database(settings, retry_seconds=0))
     with TestClient(app) as client:
         for headers in ({"Authorization": "Bearer hpt_bogus"}, {}):
             r = client.get("/readyz", headers=headers)

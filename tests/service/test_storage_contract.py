@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import JobSpec
-from service import jobs
+from service import jobs, reaper, scheduler
 from service.db import ResilientRDBStorage
 from service.migrate import upgrade
 from service.settings import Settings
@@ -30,7 +30,7 @@ def _settings(url: str, **kw) -> Settings:
 
 
 def _open(url: str, **kw) -> jobs.Database:
-    return jobs.open_database(_settings(url, **kw), role="test", retry_seconds=10)
+    return scheduler.open_database(_settings(url, **kw), role="test", retry_seconds=10)
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def _job(db, n_trials: int = N_TRIALS, **spec) -> tuple[int, optuna.Study]:
 def _claim_and_ask(db, job_id: int, study_name: str) -> optuna.Trial | None:
     """What a worker does: under the job's lock, take a slot and create the trial."""
     with db.job_lock(job_id):
-        claim = jobs.claim_slot(db, job_id)
+        claim = scheduler.claim_slot(db, job_id)
         if claim is None:
             return None
         study = optuna.load_study(study_name=study_name, storage=db.storage)
@@ -68,9 +68,9 @@ def test_slots_are_counted_from_trials_and_retries_pop_first(db):
     study.tell(t0, 0.5)
     study.tell(t1, state=TrialState.FAIL)
     failed = study._storage.get_trial(t1._trial_id)
-    assert jobs.retry_failed_trial(db, study, failed)
+    assert scheduler.retry_failed_trial(db, study, failed)
     # Idempotent: the same failure is never queued twice, whoever asks again.
-    assert not jobs.retry_failed_trial(db, study, failed)
+    assert not scheduler.retry_failed_trial(db, study, failed)
     retry = _claim_and_ask(db, job_id, study.study_name)
     assert retry is not None and retry.params == t1.params
     frozen = study._storage.get_trial(retry._trial_id)
@@ -79,7 +79,7 @@ def test_slots_are_counted_from_trials_and_retries_pop_first(db):
     assert _claim_and_ask(db, job_id, study.study_name) is None
     study.tell(t2, 0.1)
     study.tell(retry, 0.2)
-    assert jobs.refresh_job(db, job_id) == "succeeded"
+    assert scheduler.refresh_job(db, job_id) == "succeeded"
     states = [t.state for t in study.get_trials()]
     assert states.count(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in states
 
@@ -92,10 +92,10 @@ def test_no_retry_without_a_free_slot(db):
     study.tell(a, state=TrialState.FAIL)   # failed, but its retry is not queued yet
     c = _claim_and_ask(db, job_id, study.study_name)  # the free slot goes to a new sample
     assert c is not None
-    assert not jobs.retry_failed_trial(db, study, study._storage.get_trial(a._trial_id))
+    assert not scheduler.retry_failed_trial(db, study, study._storage.get_trial(a._trial_id))
     study.tell(b, 1.0)
     study.tell(c, 1.0)
-    assert jobs.refresh_job(db, job_id) == "succeeded"
+    assert scheduler.refresh_job(db, job_id) == "succeeded"
 
 
 def test_retry_limit_then_fresh_samples(db):
@@ -105,12 +105,12 @@ def test_retry_limit_then_fresh_samples(db):
     trial = first
     for _ in range(db.settings.max_trial_retries):
         study.tell(trial, state=TrialState.FAIL)
-        assert jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+        assert scheduler.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
         trial = _claim_and_ask(db, job_id, study.study_name)
         assert trial.params == params
     study.tell(trial, state=TrialState.FAIL)
     # The limit is reached: no more retries, the slot goes to a fresh sample.
-    assert not jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+    assert not scheduler.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
     fresh = _claim_and_ask(db, job_id, study.study_name)
     assert "failed_trial" not in study._storage.get_trial(fresh._trial_id).system_attrs
 
@@ -119,9 +119,9 @@ def test_hand_backs_do_not_use_up_the_retry_limit(db):
     job_id, study = _job(db, n_trials=1)
     trial = _claim_and_ask(db, job_id, study.study_name)
     for _ in range(db.settings.max_trial_retries + 2):
-        trial.set_user_attr(jobs.STOP_CAUSE, jobs.HANDED_BACK)
+        trial.set_user_attr(scheduler.STOP_CAUSE, scheduler.HANDED_BACK)
         study.tell(trial, state=TrialState.FAIL)
-        assert jobs.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
+        assert scheduler.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
         trial = _claim_and_ask(db, job_id, study.study_name)
     assert len(study._storage.get_trial(trial._trial_id).system_attrs["retry_history"]) == (
         db.settings.max_trial_retries + 2)
@@ -137,21 +137,21 @@ def test_many_threads_never_exceed_n_trials(backend, db):
         rng = random.Random(seed)
         mine = _open(backend.url)  # its own engines and locks, like another process
         try:
-            while jobs.job_status(mine, job_id) in jobs.ACTIVE:
+            while scheduler.job_status(mine, job_id) in jobs.ACTIVE:
                 trial = _claim_and_ask(mine, job_id, name)
                 if trial is None:
-                    jobs.reap(mine)
+                    reaper.reap(mine)
                     time.sleep(0.01)
                     continue
                 s = optuna.load_study(study_name=name, storage=mine.storage)
                 if rng.random() < 0.3:  # crash: fail it, then (maybe twice) queue its retry
                     s.tell(trial, state=TrialState.FAIL)
                     frozen = s._storage.get_trial(trial._trial_id)
-                    jobs.retry_failed_trial(mine, s, frozen)
-                    jobs.retry_failed_trial(mine, s, frozen)
+                    scheduler.retry_failed_trial(mine, s, frozen)
+                    scheduler.retry_failed_trial(mine, s, frozen)
                 else:
                     s.tell(trial, rng.random())
-                jobs.refresh_job(mine, job_id)
+                scheduler.refresh_job(mine, job_id)
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -171,7 +171,7 @@ def test_many_threads_never_exceed_n_trials(backend, db):
     retries = [t for t in trials if "retry_history" in t.system_attrs]
     parents = [t.system_attrs["retry_history"][-1] for t in retries]
     assert len(parents) == len(set(parents)), "a failure was retried twice"
-    assert jobs.job_status(db, job_id) == "succeeded"
+    assert scheduler.job_status(db, job_id) == "succeeded"
 
 
 def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
@@ -180,7 +180,7 @@ def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
     beating = _claim_and_ask(db, job_id, study.study_name)
     db.storage.record_heartbeat(beating._trial_id)  # beat once, then died
     time.sleep(db.settings.grace_period + 1.5)
-    jobs.reap(db)
+    reaper.reap(db)
     states = {t.number: t.state for t in study.get_trials()}
     assert states[silent.number] == TrialState.FAIL
     assert states[beating.number] == TrialState.FAIL
@@ -188,7 +188,7 @@ def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
     assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(
         [silent.number, beating.number])
     jobs.cancel_job(db, None, job_id)
-    jobs.reap(db)
+    reaper.reap(db)
     # An ended job keeps nothing queued or running.
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
 
@@ -222,7 +222,7 @@ def test_timeout_fails_the_job_with_a_clear_error(db):
     trial = _claim_and_ask(db, job_id, study.study_name)
     study.tell(trial, 0.5)
     time.sleep(1.2)
-    assert jobs.refresh_job(db, job_id) == "failed"
+    assert scheduler.refresh_job(db, job_id) == "failed"
     job = jobs.get_job(db, None, job_id)
     assert job.error.startswith("timed out after 1 s with 1 of 3 trials finished")
 

@@ -1,0 +1,206 @@
+"""The reaper: fails trials whose worker died, queues their retries, settles job statuses and
+finishes creating jobs whose creator died."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import optuna
+from optuna.trial import TrialState
+from pydantic import ValidationError
+from sqlalchemy import select
+
+from search import JobSpec
+from service.db import Database, is_transient, retrying
+from service.errors import DatabaseUnavailable, InvalidSpec, NotFound
+from service.jobs import (
+    ACTIVE,
+    TERMINAL,
+    StudyMissing,
+    create_job_study,
+    get_job,
+    load_job_study,
+    warm_start_configs,
+)
+from service.models import Job, as_utc, utcnow
+from service.procs import WORKER_PROCESS_ATTR, process_gone
+from service.scheduler import HANDED_BACK, STOP_CAUSE, refresh_job, retry_failed_trial, set_status
+
+log = logging.getLogger("hptune.jobs")
+
+
+# After an outage the reaper waits this many heartbeat intervals (plus a second) before it
+# fails trials as stale: live workers need a moment to record their next beat.
+REAP_QUIET_INTERVALS = 2
+
+
+def creation_abandoned(db: Database, job: Job) -> bool:
+    """Whether `job` is queued without a study for longer than the creation grace: the
+    remains of a creation whose process died, for repair_half_created to finish."""
+    if job.study_name or job.status != "queued" or job.created_at is None:
+        return False
+    age_s = (utcnow() - as_utc(job.created_at)).total_seconds()
+    return age_s > db.settings.creation_grace_seconds
+
+
+def repair_half_created(db: Database, job_id: int) -> bool:
+    """Finish creating a job whose creator died between storing its row and its study's name.
+
+    The study is created from the stored spec (warm-start configurations recomputed as
+    create_job does), a half-made one is made again, a finished one is adopted; the study
+    says `repaired: true`. A spec that no longer validates fails the job with the reason.
+    Returns True if it repaired the job.
+    """
+    with db.job_lock(job_id):
+        try:
+            job = get_job(db, None, job_id)
+        except NotFound:
+            return False
+        if not creation_abandoned(db, job):
+            return False  # created meanwhile, cancelled, or not old enough
+        try:
+            spec = JobSpec.model_validate(job.spec)
+            warm = warm_start_configs(db, job.owner, spec)
+        except (ValidationError, InvalidSpec) as exc:
+            reason = exc.message if isinstance(exc, InvalidSpec) else str(exc)
+            log.warning("job %s: its creation was interrupted and cannot be finished: %s",
+                        job_id, reason)
+            set_status(db, job_id, "failed",
+                        f"job creation was interrupted and cannot be finished: {reason}")
+            return False
+        name = create_job_study(db, job_id, job.owner, spec, warm, repaired=True)
+    log.warning("job %s: finished its interrupted creation (study %s)", job_id, name)
+    return True
+
+
+def active_job_ids(db: Database) -> list[int]:
+    def attempt() -> list[int]:
+        with db.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE))))
+    return retrying(attempt)
+
+
+def fail_trial(db: Database, study: optuna.Study, trial_id: int, reason: str | None = None,
+               error: str | None = None) -> bool:
+    """Mark a RUNNING or WAITING trial FAIL; True if this call did it (and nobody else)."""
+    storage = study._storage
+    try:
+        if reason:
+            storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+        if error:
+            storage.set_trial_user_attr(trial_id, "error", error[:500])
+        return bool(storage.set_trial_state_values(trial_id, state=TrialState.FAIL))
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _reap_quiet(db: Database) -> bool:
+    """False shortly after this process saw the database down: live workers have not beaten
+    again yet, and their trials must not be failed for the outage's silence."""
+    quiet_s = REAP_QUIET_INTERVALS * db.settings.heartbeat_interval + 1.0
+    return db.seconds_since_outage() > quiet_s
+
+
+def _reap_job(db: Database, job: Job) -> None:
+    import datetime as _dt
+
+    study = load_job_study(db, job)
+    if db.settings.reap_gone_processes:
+        # Trials whose worker process this host can see is gone: FAIL at once, no grace.
+        running = retrying(lambda: db.storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.RUNNING,)))
+        for t in running:
+            identity = t.system_attrs.get(WORKER_PROCESS_ATTR)
+            if identity and process_gone(identity):
+                fail_trial(db, study, t._trial_id, error="its worker process is gone")
+                # the retry follows below
+    # Heartbeat-stale trials: FAIL, then the storage's callback queues their retry.
+    retrying(lambda: optuna.storages.fail_stale_trials(study))
+    # Trials that never beat at all (the worker died right after creating them).
+    grace = _dt.timedelta(seconds=db.settings.grace_period)
+    for trial_id in retrying(lambda: db.running_trials_without_heartbeat(job.study_name)):
+        t = retrying(lambda tid=trial_id: study._storage.get_trial(tid))
+        if t.datetime_start is not None and _dt.datetime.now() - t.datetime_start > grace:
+            fail_trial(db, study, trial_id, error="the worker died before its first heartbeat")
+            # the retry follows below
+    # FAIL trials without a retry: a worker or reaper that died between failing a trial and
+    # queueing its retry, or a retry that found no free slot then. Chains at their retry
+    # limit are left alone (their slot goes to a fresh sample).
+    if job.status in ACTIVE:
+        retried = retrying(lambda: db.retried_trial_numbers(job.study_name))
+        failed = retrying(lambda: db.storage.get_all_trials(
+            study._study_id, deepcopy=False, states=(TrialState.FAIL,)))
+        handed_back = {t.number for t in failed if t.user_attrs.get(STOP_CAUSE) == HANDED_BACK}
+        for t in failed:
+            if t.number in retried:
+                continue
+            chain = [*(t.system_attrs.get("retry_history") or []), t.number]
+            if len(chain) > db.settings.max_trial_retries + len(handed_back.intersection(chain)):
+                continue
+            retry_failed_trial(db, study, t)
+
+
+def _settle_ended_jobs(db: Database) -> None:
+    """Jobs that ended (cancelled, timed out, failed) keep no RUNNING or WAITING trials: stale
+    running ones are failed once their heartbeat stops, queued retries are failed at once."""
+    names = retrying(db.studies_with_unfinished_trials)
+    if not names:
+        return
+    with db.session() as s:
+        ended = list(s.scalars(select(Job).where(Job.study_name.in_(names),
+                                                 Job.status.in_(TERMINAL))))
+    for job in ended:
+        with _one_job(db, job.id):
+            study = load_job_study(db, job)
+            _reap_job(db, job)
+            for t in retrying(lambda s=study: s.get_trials(deepcopy=False,
+                                                           states=(TrialState.WAITING,))):
+                fail_trial(db, study, t._trial_id, reason="cancelled",
+                           error=f"job {job.status} before this retry ran")
+
+
+@contextlib.contextmanager
+def _one_job(db: Database, job_id: int) -> Iterator[None]:
+    """Reap one job so that its failure cannot stop the round: a job whose study is gone is
+    failed with the reason, any other error is logged and the round goes on. Outages still
+    end the round (every job would fail the same way)."""
+    try:
+        yield
+    except StudyMissing as exc:
+        log.warning("job %s: %s", job_id, exc.message)
+        set_status(db, job_id, "failed", exc.message)
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.exception("reaping job %s failed; the round goes on", job_id)
+
+
+def reap(db: Database) -> int:
+    """Fail trials whose worker died, queue their retries, settle job statuses and timeouts,
+    and finish creating jobs whose creator died (repair_half_created).
+
+    Needs no live worker: the API process runs it every few seconds, idle workers too. Just
+    after this process saw an outage it waits for live workers to beat again before failing
+    anything. Returns the number of active jobs looked at.
+    """
+    try:
+        ids = active_job_ids(db)
+    except Exception:
+        db.note_outage()
+        raise
+    quiet = _reap_quiet(db)
+    for job_id in ids:
+        with _one_job(db, job_id):
+            job = get_job(db, None, job_id)
+            if creation_abandoned(db, job):
+                repair_half_created(db, job_id)
+            if job.study_name and quiet:
+                _reap_job(db, job)
+            refresh_job(db, job_id)
+    if quiet:
+        _settle_ended_jobs(db)
+    return len(ids)

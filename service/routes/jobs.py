@@ -1,0 +1,158 @@
+"""Tuning jobs: submit, list, read, cancel, delete, and their trials, reports, plots and
+event stream."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from starlette.background import BackgroundTask
+
+from search import JobSpec
+from service import idempotency, jobs, reports
+from service.deps import (
+    DbDep,
+    IdempotencyKeyDep,
+    JobId,
+    KeyDep,
+    OwnerDep,
+    RendersDep,
+    StreamsDep,
+)
+from service.limits import OwnerSlots
+from service.routes import idempotent_response
+from service.schemas import ErrorBody, JobPublic, JobsPublic, TrialsPublic
+
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+# The HTML report is one self-contained page: inline styles and data: images, no script.
+REPORT_CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'none'")
+
+ReportFormat = Literal["json", "html", "csv"]
+
+
+def jsonable(value: Any) -> Any:
+    """The report with non-finite floats as null, so it is always valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _held_stream(slots: OwnerSlots, owner: str, stream: AsyncIterator[str]
+                 ) -> StreamingResponse:
+    """An event-stream response holding one of `owner`'s stream slots: taken now (429 before
+    anything streams), given back once when the stream ends, however it ends."""
+    slots.acquire(owner)
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            slots.release(owner)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            release()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(release))
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def submit_job(spec: JobSpec, db: DbDep, key: KeyDep, idem_key: IdempotencyKeyDep
+               ) -> JSONResponse:
+    """Queue a tuning job; workers start on it at once. With an Idempotency-Key, a retry
+    answers the first job instead of making a second."""
+    return idempotent_response(idempotency.submit_job(db, key.owner, spec, idem_key))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(db: DbDep, owner: OwnerDep,
+              limit: Annotated[int, Query(ge=1, le=500)] = 100,
+              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> dict[str, Any]:
+    """The caller's jobs, newest first."""
+    rows, count = jobs.list_jobs(db, owner, limit, offset)
+    return {"data": jobs.jobs_public(db, rows), "count": count}
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """One job with its counts by trial state."""
+    return jobs.job_public(db, jobs.get_job(db, owner, job_id))
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> None:
+    """Delete a finished job and its trials."""
+    jobs.delete_job(db, owner, job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """Stop the job; its running trials stop within one epoch."""
+    return jobs.job_public(db, jobs.cancel_job(db, owner, job_id))
+
+
+@router.get("/{job_id}/trials", response_model=TrialsPublic)
+def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """Every trial of the job with its state, values and why it stopped."""
+    data = jobs.job_trials(db, owner, job_id)
+    return {"data": data, "count": len(data)}
+
+
+@router.get("/{job_id}/report",
+            responses={200: {"content": {"application/json": {}, "text/html": {},
+                                         "text/csv": {}}}})
+def report(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep, renders: RendersDep,
+           format: Annotated[ReportFormat, Query(description="json, html or csv")] = "json",
+           ) -> Response:
+    """The early-stopped trial report: best trial, stopped trials, compute saved."""
+    with renders.slot(key.owner):
+        if format == "html":
+            return HTMLResponse(reports.job_report_html(db, owner, job_id),
+                                headers={"Content-Security-Policy": REPORT_CSP})
+        if format == "csv":
+            return PlainTextResponse(
+                reports.job_report_csv(db, owner, job_id), media_type="text/csv",
+                headers={"Content-Disposition": f'attachment; filename="job-{job_id}.csv"'})
+        return JSONResponse(jsonable(jsonable_encoder(reports.job_report(db, owner, job_id))))
+
+
+@router.get("/{job_id}/plots/{name}",
+            responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorBody}})
+def plot(job_id: JobId, name: Annotated[str, Path(max_length=50)], db: DbDep,
+         key: KeyDep, owner: OwnerDep, renders: RendersDep,
+         width: Annotated[int, Query(ge=200, le=4000)] = 1000,
+         height: Annotated[int, Query(ge=200, le=4000)] = 600) -> Response:
+    """A report picture as PNG: learning_curves, history, importances, lr_vs_batch."""
+    with renders.slot(key.owner):
+        png = reports.job_plot(db, owner, job_id, name, width, height)
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
+def events(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep, streams: StreamsDep
+           ) -> StreamingResponse:
+    """Server-sent events: trial state changes, then the job's final state."""
+    stream = reports.job_events(db, owner, job_id, key.id)
+    return _held_stream(streams, key.owner, stream)
