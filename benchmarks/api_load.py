@@ -57,6 +57,17 @@ class LoadResult:
                 "created": len(self.created), "errors": len(self.errors)}
 
 
+def _run(result: LoadResult, threads: list[threading.Thread]) -> LoadResult:
+    """Run the client threads together; `result.seconds` is their wall time."""
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.seconds = time.monotonic() - t0
+    return result
+
+
 def drive_service(url: str, keys: list[str], seconds: float) -> LoadResult:
     """One thread per key: submit a tiny job now and then, list and read jobs in between."""
     result = LoadResult()
@@ -89,14 +100,7 @@ def drive_service(url: str, keys: list[str], seconds: float) -> LoadResult:
         with lock:
             result.created.extend(own)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in keys]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result.seconds = time.monotonic() - t0
-    return result
+    return _run(result, [threading.Thread(target=client, args=(k,)) for k in keys])
 
 
 def drive_bare(url: str, clients: int, seconds: float) -> LoadResult:
@@ -112,14 +116,7 @@ def drive_bare(url: str, clients: int, seconds: float) -> LoadResult:
                 with lock:
                     result.record(r.status_code, time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    result.seconds = time.monotonic() - t0
-    return result
+    return _run(result, [threading.Thread(target=client) for _ in range(clients)])
 
 
 BARE_APP = """
@@ -173,7 +170,8 @@ def main() -> None:
     args = ap.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from tests.conftest import free_port, start_server, stop_server
+    from service.spawn import free_port
+    from tests.conftest import start_server, stop_server
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -44,7 +44,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.spawn import cli_create_key, free_port, spawn_service, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "RESULTS_search.md"
@@ -161,12 +162,6 @@ def effective_settings(spec: dict[str, Any]) -> dict[str, Any]:
 
 # --- the service ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     """A real `hptune serve --workers N` on a temporary SQLite file, with one API key."""
 
@@ -178,16 +173,11 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "serve.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port),
-             "--workers", str(workers)],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = spawn_service(["serve", "--port", str(self.port), "--workers", str(workers)],
+                                  self.env, self._log, cwd=ROOT)
         try:
             self._wait_healthy()
-            key = subprocess.run(
-                [sys.executable, "-m", "service", "keys", "create", "--owner", "bench"],
-                env=self.env, cwd=ROOT, capture_output=True, text=True, check=True,
-                timeout=120).stdout.strip().splitlines()[-1]
+            key = cli_create_key(self.env, "bench", cwd=ROOT)
         except BaseException:
             self.stop()
             raise
@@ -195,16 +185,10 @@ class Service:
                                  headers={"Authorization": f"Bearer {key}"})
 
     def _wait_healthy(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"hptune serve exited:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if wait_healthy(self.url, self.proc, timeout_s):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"hptune serve exited:\n{self.log_tail()}")
         raise RuntimeError(f"hptune serve did not answer:\n{self.log_tail()}")
 
     def log_tail(self) -> str:

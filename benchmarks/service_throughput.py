@@ -34,7 +34,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.spawn import cli_create_key, free_port, spawn_service, wait_healthy  # noqa: E402
 from tests.postgres import PostgresServer, unavailable_reason  # noqa: E402
 
 # About one second of training per trial on one core: 10 epochs of a 512-512 MLP on digits.
@@ -69,12 +69,6 @@ ENV = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _parse(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
@@ -84,7 +78,7 @@ class Service:
 
     def __init__(self, url: str, workers: int, tmp: Path) -> None:
         self.env = {**os.environ, **ENV, "HPTUNE_DATABASE_URL": url}
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"service-{self.port}.log", "w")  # noqa: SIM115
         self.procs = [self._spawn("serve", "--port", str(self.port), "--workers", "0")]
@@ -95,24 +89,14 @@ class Service:
                                  headers={"Authorization": f"Bearer {self.key}"})
 
     def _spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "service", *args], env=self.env,
-                                cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        return spawn_service(args, self.env, self.log, cwd=ROOT)
 
     def _wait_api(self) -> None:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("the API did not start")
+        if not wait_healthy(self.base, self.procs[0], timeout_s=90):
+            raise RuntimeError("the API did not start")
 
     def _key(self) -> str:
-        out = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--owner",
-                              "bench"], env=self.env, cwd=ROOT, check=True,
-                             capture_output=True, text=True)
-        return out.stdout.strip().splitlines()[-1]
+        return cli_create_key(self.env, "bench", cwd=ROOT, timeout=None)
 
     def run_job(self, n_trials: int, seed: int) -> dict:
         spec = {**JOB, "n_trials": n_trials, "sampler": {"name": "random", "seed": seed}}

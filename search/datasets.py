@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from trainer import DATASETS, Dataset, from_arrays, load_dataset
+from trainer import DATASETS, Dataset, Task, from_arrays, load_dataset
+from trainer.datasets import DATASET_SHAPES
 
-__all__ = ["Dataset", "bundled", "bundled_names", "from_arrays"]
+__all__ = ["Dataset", "bundled", "bundled_names", "bundled_task", "from_arrays"]
 
 
 def bundled_names() -> tuple[str, ...]:
     """Names of the datasets that ship with the trainer."""
     return tuple(DATASETS)
+
+
+def bundled_task(name: str) -> Task:
+    """The task of a bundled dataset, known without loading it."""
+    return DATASET_SHAPES[name][3]
 
 
 @lru_cache(maxsize=8)

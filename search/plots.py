@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.report import stop_reason
 from search.spec import CORE_PARAMS
-from search.study import CANCELLED, DIVERGED, EARLY_STOPPED, FAILED, MAX_EPOCHS, PRUNED
+from trainer.vocab import StopReason
 
 PLOTS = ("learning_curves", "history", "importances", "lr_vs_batch")
 
@@ -44,12 +44,12 @@ RUNNING = "running"
 
 # One colour per outcome, shared by every plot (Okabe-Ito: readable with colour blindness).
 _STYLE: dict[str, tuple[str, str]] = {
-    MAX_EPOCHS: ("#0072B2", "completed (max epochs)"),
-    EARLY_STOPPED: ("#009E73", "early-stopped"),
-    PRUNED: ("#E69F00", "pruned"),
-    DIVERGED: ("#D55E00", "diverged"),
-    FAILED: ("#666666", "failed"),
-    CANCELLED: ("#AAAAAA", "cancelled"),
+    StopReason.MAX_EPOCHS: ("#0072B2", "completed (max epochs)"),
+    StopReason.EARLY_STOPPED: ("#009E73", "early-stopped"),
+    StopReason.PRUNED: ("#E69F00", "pruned"),
+    StopReason.DIVERGED: ("#D55E00", "diverged"),
+    StopReason.FAILED: ("#666666", "failed"),
+    StopReason.CANCELLED: ("#AAAAAA", "cancelled"),
     RUNNING: ("#CC79A7", "running"),
 }
 _BEST_COLOUR = "#111111"
@@ -203,8 +203,8 @@ def _reason(t: FrozenTrial) -> str:
     if t.state in (TrialState.RUNNING, TrialState.WAITING):
         return RUNNING
     if t.state == TrialState.COMPLETE:
-        return MAX_EPOCHS
-    return FAILED if t.state == TrialState.FAIL else PRUNED
+        return StopReason.MAX_EPOCHS
+    return StopReason.FAILED if t.state == TrialState.FAIL else StopReason.PRUNED
 
 
 def _curve(t: FrozenTrial, examples_per_epoch: float | None = None) -> np.ndarray:
@@ -282,10 +282,11 @@ def _learning_curves(fig: Figure, snap: _Snapshot) -> None:
         colour = _STYLE[reason][0]
         ax.add_collection(LineCollection(curves, colors=colour, linewidths=1.2, alpha=alpha,
                                          label=_label(reason, len(curves))), autolim=True)
-        if reason in (PRUNED, DIVERGED):
+        if reason in (StopReason.PRUNED, StopReason.DIVERGED):
             # Where a stopped trial ended, so short curves are not mistaken for noise.
             ends = np.array([c[-1] for c in curves])
-            ax.scatter(ends[:, 0], ends[:, 1], marker="x" if reason == PRUNED else "v",
+            marker = "x" if reason == StopReason.PRUNED else "v"
+            ax.scatter(ends[:, 0], ends[:, 1], marker=marker,
                        color=colour, s=22, alpha=min(1.0, alpha + 0.2), linewidths=1.2,
                        zorder=3)
     if snap.best is not None:
@@ -315,7 +316,7 @@ def _history(fig: Figure, snap: _Snapshot) -> None:
                  f"The history appears once a trial completes ({len(snap.trials)} so far).")
         return
     ax = fig.add_subplot()
-    markers = {PRUNED: "x", DIVERGED: "v"}
+    markers = {StopReason.PRUNED: "x", StopReason.DIVERGED: "v"}
     for reason in _STYLE:
         pts = points.get(reason)
         if not pts:
@@ -343,7 +344,7 @@ def _history(fig: Figure, snap: _Snapshot) -> None:
     if failed:
         # Failed trials have no value: a rug along the bottom shows when they happened.
         ax.scatter([t.number for t in failed], [0.02] * len(failed), marker="|", s=120,
-                   color=_STYLE[FAILED][0], transform=ax.get_xaxis_transform(),
+                   color=_STYLE[StopReason.FAILED][0], transform=ax.get_xaxis_transform(),
                    label=f"failed / cancelled ({len(failed)})", zorder=3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial number")
@@ -380,7 +381,7 @@ def _importances_plot(fig: Figure, snap: _Snapshot) -> None:
     names = list(imp)[::-1]  # barh draws bottom-up; the largest goes on top
     values = [imp[n] for n in names]
     ax = fig.add_subplot()
-    bars = ax.barh(names, values, color=_STYLE[MAX_EPOCHS][0], height=0.6)
+    bars = ax.barh(names, values, color=_STYLE[StopReason.MAX_EPOCHS][0], height=0.6)
     ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], padding=4, fontsize=11)
     ax.set_xlim(0, max(max(values) * 1.15, 0.05))
     ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
@@ -420,8 +421,8 @@ def _lr_vs_batch(fig: Figure, snap: _Snapshot) -> None:
         return pos[bs] + ((t.number * 0.618034) % 1.0 - 0.5) * 0.35
 
     kinds = (("completed", "o", lambda t: t.state == TrialState.COMPLETE),
-             ("pruned", "X", lambda t: _reason(t) == PRUNED),
-             ("diverged", "v", lambda t: _reason(t) == DIVERGED))
+             ("pruned", "X", lambda t: _reason(t) == StopReason.PRUNED),
+             ("diverged", "v", lambda t: _reason(t) == StopReason.DIVERGED))
     handles = []
     for label, marker, keep in kinds:
         sel = [r for r in rows if keep(r[0])]

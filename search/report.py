@@ -11,15 +11,12 @@ from optuna.trial import FrozenTrial, TrialState
 from search.spec import JobSpec
 from search.study import (
     ATTR_BEST_EPOCH,
+    ATTR_STOP_CAUSE,
     ATTR_STOP_REASON,
     ATTR_STOPPED_EPOCH,
-    CANCELLED,
-    DIVERGED,
-    EARLY_STOPPED,
-    FAILED,
-    MAX_EPOCHS,
-    PRUNED,
+    StopCause,
 )
+from trainer.vocab import StopReason
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -43,9 +40,9 @@ def stop_reason(trial: FrozenTrial) -> str | None:
     if reason:
         return reason
     if trial.state == TrialState.FAIL:
-        return FAILED
+        return StopReason.FAILED
     if trial.state == TrialState.PRUNED:
-        return PRUNED
+        return StopReason.PRUNED
     return None
 
 
@@ -115,7 +112,8 @@ def epochs_saved(row: dict[str, Any], max_epochs: int) -> tuple[str, float] | No
         return None
     d = row["details"]
     reason = d.get("audit_stop_reason") if d.get("audited") else row["stop_reason"]
-    cause = {PRUNED: "pruned", DIVERGED: "pruned", EARLY_STOPPED: "early_stopped"}.get(reason)
+    cause = {StopReason.PRUNED: StopReason.PRUNED, StopReason.DIVERGED: StopReason.PRUNED,
+             StopReason.EARLY_STOPPED: StopReason.EARLY_STOPPED}.get(reason)
     if cause is None:
         return None
     return cause, max(max_epochs - epochs_trained(row), 0.0)
@@ -165,7 +163,7 @@ def reason_in_words(t: dict[str, Any], resource: str = "epochs") -> str:
 def _stop_in_words(t: dict[str, Any], resource: str) -> str:
     d = t["details"]
     reason = t["stop_reason"]
-    if reason == PRUNED:
+    if reason == StopReason.PRUNED:
         at = step_in_words(d.get("prune_step"), resource)
         where = f"rung {d['prune_rung']} ({at})" if "prune_rung" in d else at
         cut = d.get("prune_cutoff")
@@ -175,19 +173,19 @@ def _stop_in_words(t: dict[str, Any], resource: str) -> str:
         val = d.get("prune_value")
         val_txt = f"{val:.4f}" if isinstance(val, int | float) else "n/a"
         return f"pruned by {d.get('pruner')} at {where}: value {val_txt}{cut_txt}{peers_txt}"
-    if reason == EARLY_STOPPED:
+    if reason == StopReason.EARLY_STOPPED:
         return (f"early-stopped: no improvement for {d.get('patience')} epochs after "
                 f"best epoch {t['best_epoch']}")
-    if reason == DIVERGED:
+    if reason == StopReason.DIVERGED:
         return f"diverged at epoch {d.get('diverged_epoch')} (loss {d.get('diverged_loss')})"
-    if reason == CANCELLED:
-        return {"handed_back": "handed back by a worker that was stopped",
-                "timed_out": "stopped when its job timed out"}.get(d.get("stop_cause"),
-                                                                   "cancelled with its job")
-    if reason == FAILED:
+    if reason == StopReason.CANCELLED:
+        return {StopCause.HANDED_BACK: "handed back by a worker that was stopped",
+                StopCause.TIMED_OUT: "stopped when its job timed out"}.get(
+                    d.get(ATTR_STOP_CAUSE), "cancelled with its job")
+    if reason == StopReason.FAILED:
         err = d.get("error")
         return f"failed: {err}" if err else "failed (worker lost)"
-    if reason == MAX_EPOCHS:
+    if reason == StopReason.MAX_EPOCHS:
         return "ran to max_epochs"
     return str(reason)
 
@@ -229,7 +227,8 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
             cause, epochs = saving
             saved[f"{cause}_epochs"] += epochs
             saved[f"{cause}_seconds"] += epochs * epoch_s
-        if r["stop_reason"] in (None, MAX_EPOCHS) or r["state"] in ("RUNNING", "WAITING"):
+        if (r["stop_reason"] in (None, StopReason.MAX_EPOCHS)
+                or r["state"] in ("RUNNING", "WAITING")):
             continue
         stopped.append({
             "number": r["number"],

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    field_validator,
+    model_validator,
+)
+
+from trainer.vocab import Activation, Direction, Metric, Optimizer, Schedule
 
 # The four core dimensions every job searches unless the spec fixes them.
 CORE_PARAMS = ("learning_rate", "batch_size", "dropout", "weight_decay")
 
-SAMPLERS = ("random", "tpe", "gp", "qmc", "cmaes")
-PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "threshold",
-           "patient")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-METRICS = ("val_accuracy", "val_loss", "val_rmse", "val_r2")
-SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts", "onecycle")
+# Search's own names, written once as the Literal types of SamplerSpec.name and
+# PrunerSpec.name (the trainer's names are the StrEnums of trainer.vocab).
+SamplerName = Literal["random", "tpe", "gp", "qmc", "cmaes"]
+PrunerName = Literal["none", "median", "percentile", "successive_halving", "hyperband",
+                     "threshold", "patient"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+PRUNERS: tuple[str, ...] = get_args(PrunerName)
+OPTIMIZERS = tuple(Optimizer)
+ACTIVATIONS = tuple(Activation)
+METRICS = tuple(Metric)
+SCHEDULES = tuple(Schedule)
 
 # Bounds on what one job may ask of a worker (README, "The job spec"): every list has a
 # length, every width a ceiling, so that a trial's size is known before it runs.
@@ -50,6 +64,12 @@ def _plain_text(text: str) -> str:
     if bad is not None:
         raise ValueError(f"must not contain control or format characters (found {bad})")
     return text
+
+
+# A name field takes the plain string of an enum member ("relu"), in JSON and from Python
+# dicts alike; the models below are strict, which for an enum would demand the member itself.
+# A stored spec dumped with mode="json" keeps plain strings.
+_Name = Strict(False)
 
 
 class _Strict(BaseModel):
@@ -190,7 +210,7 @@ class SearchSpace(_Strict):
 class SamplerSpec(_Strict):
     """How the next configuration is chosen; every sampler is seedable."""
 
-    name: Literal["random", "tpe", "gp", "qmc", "cmaes"] = "tpe"
+    name: SamplerName = "tpe"
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
     # Random configurations before the model-based samplers take over.
     n_startup_trials: int = Field(default=8, ge=1, le=1000)
@@ -204,8 +224,7 @@ class PrunerSpec(_Strict):
     lets a pruner act within an epoch (metrics reported every `report_every` examples).
     """
 
-    name: Literal["none", "median", "percentile", "successive_halving", "hyperband",
-                  "threshold", "patient"] = "successive_halving"
+    name: PrunerName = "successive_halving"
     resource: Literal["epochs", "examples"] = "epochs"
     # With resource "examples": report the metric every this many examples; None: at the end
     # of each epoch (at examples = epochs x training rows).
@@ -278,13 +297,10 @@ class ModelSpec(_Strict):
     hidden_layers: list[Annotated[int, Field(ge=1, le=MAX_LAYER_WIDTH)]] = Field(
         default=[128, 64], max_length=MAX_LAYERS
     )
-    activation: Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"] = "relu"
-    optimizer: Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"] = (
-        "adam"
-    )
+    activation: Annotated[Activation, _Name] = Activation.RELU
+    optimizer: Annotated[Optimizer, _Name] = Optimizer.ADAM
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    schedule: Literal["constant", "step", "exponential", "cosine", "cosine_restarts",
-                      "onecycle"] = "constant"
+    schedule: Annotated[Schedule, _Name] = Schedule.CONSTANT
     # Linear warm-up in epochs before the schedule (combines with any schedule).
     warmup_epochs: float = Field(default=0.0, ge=0.0, le=100.0)
 
@@ -299,7 +315,7 @@ class JobSpec(_Strict):
         "digits")
     n_trials: int = Field(default=20, ge=1, le=10_000)
     max_epochs: int = Field(default=30, ge=1, le=1_000)
-    metric: Literal["val_accuracy", "val_loss", "val_rmse", "val_r2"] = "val_accuracy"
+    metric: Annotated[Metric, _Name] = Metric.VAL_ACCURACY
     search_space: SearchSpace = SearchSpace()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
@@ -330,9 +346,9 @@ class JobSpec(_Strict):
         return self
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Direction:
         """`maximize` for accuracy and R^2, `minimize` for losses."""
-        return metric_direction(self.metric)
+        return self.metric.direction
 
 
 def in_space(space: SearchSpace, name: str, value: float) -> bool:
@@ -347,6 +363,6 @@ def in_space(space: SearchSpace, name: str, value: float) -> bool:
     return dim.low <= value <= dim.high
 
 
-def metric_direction(metric: str) -> str:
-    """The optimisation direction of a validation metric."""
-    return "maximize" if metric.endswith(("accuracy", "r2")) else "minimize"
+def metric_direction(metric: str) -> Direction:
+    """The optimisation direction of a validation metric (Metric.direction, for a name)."""
+    return Metric(metric).direction

@@ -1,12 +1,11 @@
-"""Job spec -> Optuna study: samplers, pruners, search space and the trial runner."""
+"""Job spec -> Optuna study: samplers, pruners, search space (the trial runner: search.runner)."""
 
 from __future__ import annotations
 
 import math
-import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -18,23 +17,34 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from search.optuna_internals import (
+    hyperband_bracket,
+    patient_settings,
+    percentile,
+    reduction_factor,
+    threshold_bounds,
+)
 from search.spec import CORE_PARAMS, Fixed, FloatRange, IntChoices, JobSpec, PrunerSpec
-from trainer import Dataset, TrainConfig, fit
+from trainer import Optimizer, TrainConfig
 
 # Keys of the trial user attributes that explain an outcome; the report reads them back.
 ATTR_STOP_REASON = "stop_reason"
 ATTR_STOPPED_EPOCH = "stopped_epoch"
 ATTR_BEST_EPOCH = "best_epoch"
+# Set beside stop_reason `cancelled` when a worker stopped the trial early (a StopCause).
+ATTR_STOP_CAUSE = "stop_cause"
 # Study user attribute that create_study sets last: a study without it is half-made.
 STUDY_READY_ATTR = "hptune_ready"
 
-# Stop reasons, as in the trial JSON of the REST API.
-MAX_EPOCHS = "max_epochs"
-EARLY_STOPPED = "early_stopped"
-PRUNED = "pruned"
-DIVERGED = "diverged"
-FAILED = "failed"
-CANCELLED = "cancelled"
+
+class StopCause(StrEnum):
+    """Why a worker stopped a trial early (its stop_reason is then `cancelled`)."""
+
+    # The worker got SIGTERM; the trial is retried without using up the retry limit.
+    HANDED_BACK = "handed_back"
+    # The job's timeout passed.
+    TIMED_OUT = "timed_out"
+
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,7 +135,7 @@ def build_pruner(spec: JobSpec | PrunerSpec, max_resource: int | None = None,
         reduction_factor=p.reduction_factor)
 
 
-MOMENTUM_OPTIMIZERS = ("momentum", "nesterov")
+MOMENTUM_OPTIMIZERS = tuple(o for o in Optimizer if o.uses_momentum)
 
 
 def distributions(spec: JobSpec) -> dict[str, BaseDistribution]:
@@ -298,13 +308,13 @@ def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int,
     info: dict[str, Any] = {"pruner": _pruner_name(pruner), "prune_step": step,
                             "prune_value": value}
     if isinstance(pruner, optuna.pruners.PatientPruner):
-        inner = pruner._wrapped_pruner
+        inner, patience = patient_settings(pruner)
         details = explain_prune(study, trial, step, inner) if inner else {}
-        details.update(pruner="patient", prune_patience=pruner._patience,
+        details.update(pruner="patient", prune_patience=patience,
                        prune_wrapped=_pruner_name(inner) if inner else "none")
         return details
     if isinstance(pruner, optuna.pruners.ThresholdPruner):
-        lower, upper = pruner._lower, pruner._upper
+        lower, upper = threshold_bounds(pruner)
         info["prune_cutoff"] = lower if lower is not None and value < lower else upper
         return info
     if isinstance(pruner, optuna.pruners.PercentilePruner):
@@ -319,7 +329,7 @@ def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int,
         ]
         info.update(prune_value=best, prune_n_peers=len(peers))
         if peers:
-            q = pruner._percentile
+            q = percentile(pruner)
             info["prune_cutoff"] = float(np.nanpercentile(peers, 100 - q if maximize else q))
         return info
     if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner):
@@ -333,12 +343,13 @@ def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int,
         peers_trials = study.get_trials(deepcopy=False)
         if isinstance(pruner, optuna.pruners.HyperbandPruner):
             # Hyperband compares a trial only with the trials of its own bracket.
-            bracket = pruner._get_bracket_id(study, trial)
-            peers_trials = [t for t in peers_trials if pruner._get_bracket_id(study, t) == bracket]
+            bracket = hyperband_bracket(pruner, study, trial)
+            peers_trials = [t for t in peers_trials
+                            if hyperband_bracket(pruner, study, t) == bracket]
             info["prune_bracket"] = bracket
         competing = sorted(float(t.system_attrs[key]) for t in peers_trials
                            if key in t.system_attrs)
-        idx = max(len(competing) // pruner._reduction_factor - 1, 0)
+        idx = max(len(competing) // reduction_factor(pruner) - 1, 0)
         cutoff = competing[-(idx + 1)] if maximize else competing[idx]
         info.update(prune_rung=rung, prune_value=float(trial.system_attrs[key]),
                     prune_cutoff=cutoff, prune_n_peers=len(competing))
@@ -358,177 +369,3 @@ def _pruner_name(pruner: optuna.pruners.BasePruner) -> str:
     }
     return names.get(type(pruner), type(pruner).__name__)
 
-
-def run_trial(
-    study: optuna.Study,
-    spec: JobSpec,
-    data: Dataset,
-    *,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_started: Callable[[optuna.Trial], None] = lambda trial: None,
-) -> TrialOutcome:
-    """Ask the study for one trial, train it epoch by epoch and tell the outcome with its reason.
-
-    `should_stop` is polled once per epoch; when it answers true the trial ends as FAIL with
-    reason `cancelled`. Exceptions from training propagate after the trial is told FAIL.
-    """
-    trial = study.ask(fixed_distributions=distributions(spec))
-    on_started(trial)
-    suggest_conditional(trial, spec)
-    config = train_config(spec, trial.params)
-    for key, value in fixed_params(spec).items():
-        trial.set_user_attr(f"fixed_{key}", value)
-    pruned_at: list[int] = []
-    cancelled: list[bool] = []
-    # Audited trials keep training after the pruner's verdict, silently: the study sees exactly
-    # what it would have seen without the audit.
-    audit = _audit_draw(spec, trial.number)
-    n_train = len(data.X_train)
-    by_examples = spec.pruner.resource == "examples"
-    if by_examples:
-        # Hyperband's largest rung depends on the dataset's size.
-        study.pruner = build_pruner(spec, n_train=n_train)
-        config = replace(config,
-                         eval_every_examples=spec.pruner.report_every or n_train)
-    started = time.perf_counter()
-
-    def report(step: int, metrics: dict[str, float]) -> bool:
-        """Report the metric at `step` (in the pruner's resource); True stops the trial."""
-        value = float(metrics[spec.metric])
-        # Diverged epochs are the trainer's to stop; audited trials report nothing past the
-        # pruner's verdict.
-        reportable = math.isfinite(value) and not pruned_at
-        if reportable:
-            trial.report(value, step)
-        if should_stop():
-            cancelled.append(True)
-            return True
-        if reportable and trial.should_prune():
-            pruned_at.append(step)
-            return not audit
-        return False
-
-    def on_examples(mark: int, metrics: dict[str, float]) -> bool:
-        # A batch that passes several multiples of report_every reports once, at the last of
-        # them: never more than one database write and pruning check per mini-batch.
-        every = config.eval_every_examples
-        if mark != int(metrics["examples"]) // every * every:
-            return False
-        return report(mark, metrics)
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> bool:
-        if not by_examples:
-            return report(epoch, metrics)
-        if should_stop():
-            cancelled.append(True)
-            return True
-        return False
-
-    try:
-        result = fit(config, data, on_epoch=on_epoch,
-                     on_examples=on_examples if by_examples else None)
-    except BaseException as exc:
-        trial.set_user_attr(ATTR_STOP_REASON, FAILED)
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-
-    elapsed = time.perf_counter() - started
-    attrs: dict[str, Any] = {
-        ATTR_STOPPED_EPOCH: result.stopped_epoch,
-        ATTR_BEST_EPOCH: result.best_epoch,
-        "train_seconds": round(elapsed, 4),
-        "epoch_seconds": round(elapsed / max(result.stopped_epoch, 1), 5),
-        "best_value": _finite_or_none(result.best_value),
-        "curves": _curves(result.history),
-        "examples_seen": result.examples_seen,
-        "epochs_trained": round(result.examples_seen / n_train, 4),
-    }
-    for key, value in result.test_metrics.items():
-        attrs[f"test_{key}"] = _finite_or_none(value)
-
-    if cancelled:
-        reason, state = CANCELLED, TrialState.FAIL
-    elif pruned_at:
-        reason, state = PRUNED, TrialState.PRUNED
-        frozen = study._storage.get_trial(trial._trial_id)
-        attrs.update(explain_prune(study, frozen, pruned_at[0]))
-        if audit:
-            attrs.update({
-                "audited": True,
-                "audit_best_value": attrs.pop("best_value"),
-                "audit_best_epoch": attrs[ATTR_BEST_EPOCH],
-                "audit_trained_epochs": result.stopped_epoch,
-                "audit_stop_reason": result.stop_reason,
-                ATTR_STOPPED_EPOCH: _epoch_of(pruned_at[0], by_examples, n_train),
-                ATTR_BEST_EPOCH: _epoch_of(_best_epoch(frozen, spec.direction), by_examples,
-                                           n_train),
-                "epochs_trained": round(_epoch_of(pruned_at[0], by_examples, n_train, exact=True),
-                                        4),
-            })
-            for key in [k for k in attrs if k.startswith("test_")]:
-                attrs[f"audit_{key}"] = attrs.pop(key)
-    elif result.stop_reason == "diverged":
-        reason, state = DIVERGED, TrialState.PRUNED
-        attrs["diverged_epoch"] = result.stopped_epoch
-        attrs["diverged_loss"] = str(result.diverged_loss)
-    elif result.stop_reason == "early_stopped":
-        reason, state = EARLY_STOPPED, TrialState.COMPLETE
-        attrs["patience"] = spec.early_stopping.patience
-        attrs["min_delta"] = spec.early_stopping.min_delta
-    else:
-        reason, state = MAX_EPOCHS, TrialState.COMPLETE
-    attrs[ATTR_STOP_REASON] = reason
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
-
-    value = _finite_or_none(result.best_value)
-    if state == TrialState.COMPLETE and value is not None:
-        study.tell(trial, value)
-    elif state == TrialState.COMPLETE:
-        state = TrialState.PRUNED
-        study.tell(trial, state=state)
-    else:
-        study.tell(trial, state=state)
-    return TrialOutcome(trial.number, state, reason, value)
-
-
-def _audit_draw(spec: JobSpec, number: int) -> bool:
-    """Whether trial `number` is audited: a fixed draw per (seed, trial), at audit_fraction."""
-    if spec.audit_fraction <= 0:
-        return False
-    return random.Random(f"{spec.seed}:{number}").random() < spec.audit_fraction
-
-
-def _epoch_of(step: int | None, by_examples: bool, n_train: int, exact: bool = False
-              ) -> float | None:
-    """The epoch a pruner step falls in (the step itself when steps are epochs)."""
-    if step is None or not by_examples:
-        return step
-    return step / n_train if exact else math.ceil(step / n_train)
-
-
-def _best_epoch(trial: FrozenTrial, direction: str) -> int | None:
-    values = trial.intermediate_values
-    if not values:
-        return None
-    pick = max if direction == "maximize" else min
-    return pick(values, key=lambda step: values[step])
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _curves(history: list[dict[str, float]]) -> dict[str, list[float | None]]:
-    """Per-epoch metrics as compact columns for learning-curve plots."""
-    keys = [k for k in (history[0] if history else {}) if k not in ("epoch",)]
-    return {k: [_round(h.get(k)) for h in history] for k in keys}
-
-
-def _round(v: float | None) -> float | None:
-    v = _finite_or_none(v)
-    return None if v is None else round(v, 6)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -11,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +17,15 @@ import typer
 from rich.console import Console
 
 from service.client import ApiError, Client, print_report, watch
+from service.spawn import (
+    WORKER_STOP_TIMEOUT_S,
+    cli_create_key,
+    free_port,
+    spawn_service,
+    spawn_workers,
+    stop_workers,
+    wait_healthy,
+)
 
 app = typer.Typer(help="hptune: hyperparameter tuning jobs over REST.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -30,11 +36,6 @@ app.add_typer(keys_app, name="keys")
 console = Console()
 # Messages are not wrapped: they may be read by scripts as much as by people.
 err = Console(stderr=True, soft_wrap=True)
-
-# Seconds a worker gets to finish its epoch and hand back its trial after SIGTERM.
-WORKER_STOP_TIMEOUT_S = 30
-# Linux prctl option: the signal a child gets when its parent dies.
-PR_SET_PDEATHSIG = 1
 
 UrlOpt = Annotated[str, typer.Option(envvar="HPTUNE_URL", help="API base URL.")]
 KeyOpt = Annotated[str | None, typer.Option(envvar="HPTUNE_API_KEY", help="API key.")]
@@ -96,33 +97,6 @@ def _api_call(fn, *args):
         raise typer.Exit(1) from None
 
 
-def _die_with_parent() -> None:
-    """In a child: get SIGTERM when the parent dies, so embedded workers never outlive it."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's own shutdown still stops its workers
-
-
-def _spawn_workers(n: int, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-m", "service", "worker"], env=env,
-                             preexec_fn=_die_with_parent)
-            for _ in range(n)]
-
-
-def _stop_workers(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
-    for p in procs:
-        try:
-            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
@@ -141,14 +115,14 @@ def serve(
     settings = _settings()
     db = open_database(settings)
     upgrade(db)
-    procs = _spawn_workers(workers)
+    procs = spawn_workers(workers)
     try:
         # uvicorn re-raises SIGTERM/SIGINT once it has shut down, so the workers are stopped
         # in the app's shutdown, not after run() returns.
-        uvicorn.run(create_app(settings, db, on_shutdown=lambda: _stop_workers(procs)),
+        uvicorn.run(create_app(settings, db, on_shutdown=lambda: stop_workers(procs)),
                     host=host, port=port, log_level="warning")
     finally:
-        _stop_workers(procs)
+        stop_workers(procs)
 
 
 @app.command()
@@ -353,7 +327,8 @@ def dashboard(
     sees its owner's jobs (an admin every job), read-only; a job's study is `job-<id>`."""
     import uvicorn
 
-    from service.dashboard import LOGIN_PATH, create_dashboard_app
+    from service.dashboard import create_dashboard_app
+    from service.dashboard_login import LOGIN_PATH
     from service.migrate import upgrade
     from service.scheduler import open_database
 
@@ -362,12 +337,6 @@ def dashboard(
     upgrade(db)  # the sessions table, should this start before the API has upgraded
     console.print(f"optuna-dashboard on http://{host}:{port}{LOGIN_PATH}", soft_wrap=True)
     uvicorn.run(create_dashboard_app(db), host=host, port=port, log_level="warning")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @app.command()
@@ -386,30 +355,19 @@ def demo(
     env = {**os.environ, "HPTUNE_DATABASE_URL": f"sqlite:///{db_path}"}
     spec_path = workdir / "job.json"
     spec_path.write_text(json.dumps(DEMO_SPEC, indent=2))
-    key = subprocess.run([sys.executable, "-m", "service", "keys", "create", "--owner", "demo"],
-                         env=env, check=True, capture_output=True, text=True
-                         ).stdout.strip().splitlines()[-1]
-    port = _free_port()
+    key = cli_create_key(env, "demo", timeout=None)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = workdir / "serve.log"
     console.print(f"starting hptune on {url} with {workers} workers (log: {log_path})")
     with open(log_path, "w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port),
-             "--workers", str(workers)], env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        server = spawn_service(["serve", "--port", str(port), "--workers", str(workers)],
+                               env, log_file)
     try:
         client = Client(url, key)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.http.get("/healthz").status_code == 200:
-                    break
-            except Exception:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                err.print(f"[red]the server did not start; see {log_path}")
-                raise typer.Exit(1)
-            time.sleep(0.3)
+        if not wait_healthy(url, server, timeout_s=60, interval_s=0.3):
+            err.print(f"[red]the server did not start; see {log_path}")
+            raise typer.Exit(1)
         job = _api_call(client.submit, DEMO_SPEC)
         console.print(f"submitted job {job['id']}: {DEMO_SPEC['n_trials']} trials of "
                       f"{DEMO_SPEC['dataset']} (TPE sampler, Hyperband pruner, patience 5)")

@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from service.status import TERMINAL
 
 
 class ApiError(Exception):

@@ -3,8 +3,6 @@ read-only, inside the API at /dashboard and as `hptune dashboard`."""
 
 from __future__ import annotations
 
-import html
-import json
 import re
 import threading
 from collections import OrderedDict
@@ -16,6 +14,7 @@ import anyio
 from a2wsgi import WSGIMiddleware
 from sqlalchemy.exc import DBAPIError
 
+from service.dashboard_login import LOGIN_CSP, LOGIN_PATH, LOGOUT_PATH, login_html
 from service.dashboard_sessions import (
     Viewer,
     create_session,
@@ -23,14 +22,14 @@ from service.dashboard_sessions import (
     key_viewer,
     session_viewer,
 )
-from service.dashboard_storage import ScopedReadOnlyStorage, owner_has_study, trial_study_id
+from service.dashboard_storage import ScopedReadOnlyStorage
 from service.db import Database
 from service.errors import DatabaseUnavailable, Unauthorized
+from service.middleware import reply
+from service.trial_store import owner_has_study, trial_study_id
 
 # optuna-dashboard's single-page app asks for absolute paths, so these prefixes are its own.
 DASHBOARD_PREFIXES = ("/dashboard", "/static/", "/api/", "/csv/", "/favicon.ico")
-LOGIN_PATH = "/dashboard/login"
-LOGOUT_PATH = "/dashboard/logout"
 COOKIE = "hptune_session"
 # The cookie of earlier versions, which held the raw key: cleared wherever it still shows up.
 LEGACY_COOKIE = "hptune_dashboard_key"
@@ -85,7 +84,7 @@ class DashboardGate:
         try:
             await self._dispatch(scope, receive, send)
         except (DatabaseUnavailable, DBAPIError):
-            await _json(send, 503, "database unavailable, try again shortly",
+            await reply(send, 503, "database unavailable, try again shortly",
                         [(b"retry-after", b"5")])
 
     async def _dispatch(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -97,16 +96,16 @@ class DashboardGate:
             elif method == "POST":
                 await self._login(scope, receive, send)
             else:
-                await _json(send, 405, "use GET or POST", [(b"allow", b"GET, HEAD, POST")])
+                await reply(send, 405, "use GET or POST", [(b"allow", b"GET, HEAD, POST")])
             return
         if route == LOGOUT_PATH:
             if method == "POST":
                 await self._logout(scope, send)
             else:
-                await _json(send, 405, "log out with a POST", [(b"allow", b"POST")])
+                await reply(send, 405, "log out with a POST", [(b"allow", b"POST")])
             return
         if method not in READ_METHODS:
-            await _json(send, 405, "the dashboard is read-only", [(b"allow", b"GET, HEAD")])
+            await reply(send, 405, "the dashboard is read-only", [(b"allow", b"GET, HEAD")])
             return
         viewer = await anyio.to_thread.run_sync(self._viewer, scope)
         if viewer is None:
@@ -116,12 +115,12 @@ class DashboardGate:
                                       if _local_dashboard_path(target) else "")
                 await _redirect(send, login)
                 return
-            await _json(send, 401, "the dashboard needs a login: a browser opens "
+            await reply(send, 401, "the dashboard needs a login: a browser opens "
                         f"{LOGIN_PATH}; a script sends 'Authorization: Bearer <key>'",
                         [(b"www-authenticate", b"Bearer")])
             return
         if not await anyio.to_thread.run_sync(self._may_see_path, viewer, path):
-            await _json(send, 404, "not found")
+            await reply(send, 404, "not found")
             return
         await self._wsgi({**scope, SCOPE_KEY: viewer}, receive, send)
 
@@ -158,7 +157,7 @@ class DashboardGate:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if status == 200 and "key" in query:
             # A key in a URL lands in logs, history and Referer headers: never accept it there.
-            await _json(send, 400, f"never put an API key in a URL: POST it to {LOGIN_PATH} as "
+            await reply(send, 400, f"never put an API key in a URL: POST it to {LOGIN_PATH} as "
                         "the form field 'key' (application/x-www-form-urlencoded)")
             return
         if next_path is None:
@@ -168,7 +167,7 @@ class DashboardGate:
             session_id = _cookie(scope, COOKIE)
             if session_id and _SESSION_ID.match(session_id):
                 viewer = await anyio.to_thread.run_sync(session_viewer, self.db, session_id)
-        body = _login_html(message, next_path if _local_dashboard_path(next_path) else "",
+        body = login_html(message, next_path if _local_dashboard_path(next_path) else "",
                            viewer, self.session_seconds).encode()
         headers = [(b"content-type", b"text/html; charset=utf-8"),
                    (b"content-length", str(len(body)).encode()),
@@ -184,17 +183,17 @@ class DashboardGate:
         job's study `/dashboard/studies/<n>`; anything else goes to the start page)."""
         ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
-            await _json(send, 415, "send the login form as application/x-www-form-urlencoded "
+            await reply(send, 415, "send the login form as application/x-www-form-urlencoded "
                         "with the field 'key'")
             return
         raw = await _read_body(receive, LOGIN_BODY_LIMIT)
         if raw is None:
-            await _json(send, 413, f"login form larger than {LOGIN_BODY_LIMIT} bytes")
+            await reply(send, 413, f"login form larger than {LOGIN_BODY_LIMIT} bytes")
             return
         try:
             form = parse_qs(raw.decode("utf-8"), max_num_fields=10)
         except (UnicodeDecodeError, ValueError):
-            await _json(send, 400, "unreadable login form")
+            await reply(send, 400, "unreadable login form")
             return
         key = form.get("key", [""])[0].strip()
         next_path = form.get("next", [""])[0]
@@ -286,51 +285,9 @@ def create_dashboard_app(db: Database) -> Any:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        await _json(send, 404, "not found: the dashboard is at /dashboard")
+        await reply(send, 404, "not found: the dashboard is at /dashboard")
 
     return SecurityHeaders(DashboardGate(rest, db))
-
-
-LOGIN_CSP = (b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-             b"frame-ancestors 'none'; base-uri 'none'")
-
-
-def _login_html(message: str, next_path: str, viewer: Viewer | None, ttl_s: int) -> str:
-    e = html.escape
-    note = f'<p class="error" role="alert">{e(message)}</p>' if message else ""
-    who = ""
-    if viewer is not None:
-        role = "admin: every owner's jobs" if viewer.is_admin else "your jobs"
-        who = (f'<p>Signed in as <b>{e(viewer.owner)}</b> ({role}). '
-               f'<a href="/dashboard">Open the dashboard</a></p>'
-               f'<form method="post" action="{LOGOUT_PATH}"><button type="submit">Sign out'
-               f'</button></form><hr>')
-    hours = f"{ttl_s / 3600:g} h" if ttl_s >= 3600 else f"{ttl_s // 60} min"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>hptune dashboard: sign in</title>
-<style>
-body {{ font: 16px/1.5 system-ui, sans-serif; max-width: 32rem; margin: 4rem auto;
-       padding: 0 1rem; color: #222; }}
-input[type=password] {{ width: 100%; padding: .5rem; font: inherit; box-sizing: border-box; }}
-button {{ margin-top: .75rem; padding: .5rem 1.25rem; font: inherit; }}
-.error {{ color: #b00020; }} .hint {{ color: #555; font-size: .9rem; }}
-</style></head>
-<body><main>
-<h1>hptune dashboard</h1>
-{note}{who}
-<form method="post" action="{LOGIN_PATH}">
-<label for="key">API key</label>
-<input id="key" name="key" type="password" autocomplete="current-password" required autofocus>
-<input type="hidden" name="next" value="{e(next_path)}">
-<button type="submit">Sign in</button>
-</form>
-<p class="hint">Any hptune API key signs in: an owner's key shows that owner's jobs, an admin
-key every job. The dashboard is read-only. The key is sent once; the browser keeps a session
-cookie for {hours}.</p>
-</main></body></html>
-"""
 
 
 def _is_page(path: str) -> bool:
@@ -409,12 +366,3 @@ async def _redirect(send: Any, location: str,
                 "headers": [(b"location", location.encode()), (b"content-length", b"0"),
                             (b"cache-control", b"no-store"), *(extra or [])]})
     await send({"type": "http.response.body", "body": b""})
-
-
-async def _json(send: Any, status: int, detail: str,
-                extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"detail": detail, "errors": []}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()), *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})

@@ -12,44 +12,18 @@ from typing import Any
 from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
-from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import text
 
 from service.db import Database
+from service.trial_store import (
+    FrozenStudy,
+    owner_has_study,
+    owner_study_ids,
+    study_id,
+    trial_study_id,
+)
 
-# Who owns a study is the service's word, not the study's: hptune_jobs.owner of the job whose
-# study it is (the study's "owner" user attribute says the same, but lives in Optuna's tables).
-# Studies that belong to no job are an admin's alone.
-_OWNER_STUDY_IDS = text("""
-    SELECT s.study_id FROM studies s
-    JOIN hptune_jobs j ON j.study_name = s.study_name
-    WHERE j.owner = :owner
-""")
-_OWNER_HAS_STUDY = text("""
-    SELECT 1 FROM studies s
-    JOIN hptune_jobs j ON j.study_name = s.study_name
-    WHERE s.study_id = :study_id AND j.owner = :owner
-""")
-_TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
-
-
-def owner_study_ids(db: Database, owner: str) -> set[int]:
-    """Ids of the Optuna studies of `owner`'s jobs."""
-    with db.session() as s:
-        return {int(r[0]) for r in s.execute(_OWNER_STUDY_IDS, {"owner": owner})}
-
-
-def owner_has_study(db: Database, owner: str, study_id: int) -> bool:
-    with db.session() as s:
-        return s.execute(_OWNER_HAS_STUDY, {"owner": owner, "study_id": study_id}
-                         ).first() is not None
-
-
-def trial_study_id(db: Database, trial_id: int) -> int | None:
-    with db.session() as s:
-        value = s.execute(_TRIAL_STUDY_ID, {"trial_id": trial_id}).scalar()
-    return None if value is None else int(value)
+# Who owns a study is the service's word (hptune_jobs.owner), read by trial_store's named SQL.
 
 
 class ReadOnlyStorageError(PermissionError):
@@ -89,8 +63,8 @@ class ScopedReadOnlyStorage(BaseStorage):
         studies = self._base.get_all_studies()
         if self.owner is not None:
             mine = owner_study_ids(self._db, self.owner)
-            studies = [s for s in studies if s._study_id in mine]
-        return sorted(studies, key=lambda s: s._study_id)
+            studies = [s for s in studies if study_id(s) in mine]
+        return sorted(studies, key=study_id)
 
     def get_study_id_from_name(self, study_name: str) -> int:
         return self._study(self._base.get_study_id_from_name(study_name))

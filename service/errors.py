@@ -44,3 +44,15 @@ class TooLarge(ServiceError):
 
 class QuotaExceeded(ServiceError):
     status_code = 429
+
+
+def one_line(exc: BaseException | None) -> str:
+    """`Type: first line` of an error, naming the driver's error under Optuna's wrapper."""
+    import optuna  # here: the API's error types stay importable without Optuna
+
+    if exc is None:
+        return ""
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"

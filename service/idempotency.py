@@ -46,9 +46,10 @@ from sqlalchemy.exc import IntegrityError
 
 from search import JobSpec
 from service import datasets, jobs
-from service.db import Database, retrying
+from service.db import Database
 from service.errors import Conflict, InvalidSpec, NotFound
 from service.models import IdempotencyKey, Job, UploadedDataset, as_utc, utcnow
+from service.retry import DB_RETRY
 from service.schemas import DatasetPublic, JobPublic
 
 log = logging.getLogger("hptune.idempotency")
@@ -307,7 +308,7 @@ def _store(claim: Claim, body: dict[str, Any]) -> None:
                 status=KeyStatus.DONE, response_status=CREATED, response=body))
 
     try:
-        retrying(attempt)
+        DB_RETRY(attempt)
     except Exception as exc:
         log.warning("idempotency key %s: could not store its answer (%s); a retry recovers it",
                     claim.row_id, exc)
@@ -329,7 +330,7 @@ def _give_back(claim: Claim, model: type[Job | UploadedDataset]) -> None:
                 _holding(claim), or_(IdempotencyKey.resource_id.is_(None), ~stored)))
 
     try:
-        retrying(attempt)
+        DB_RETRY(attempt)
     except Exception as exc:
         log.warning("idempotency key %s: could not give it back (%s); a retry may take it "
                     "over after %.0f s", claim.row_id, exc, LEASE_S)

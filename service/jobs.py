@@ -11,26 +11,22 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import bindparam, delete, func, select, text, update
+from sqlalchemy import delete, func, select, update
 
 from search import JobSpec, counts, create_study, metric_direction, study_name_for, trials_to_dicts
-from search.datasets import bundled_names
+from search.datasets import bundled_names, bundled_task
 from search.memory import bundled_shape, largest_trial_memory, megabytes, memory_field, output_units
 from search.spec import in_space
 from search.study import sampler_available, study_is_ready
-from service.db import Database, retrying
+from service import trial_store
+from service.db import Database
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, as_utc, utcnow
+from service.retry import DB_RETRY
+from service.status import ACTIVE, JobStatus
+from trainer import Direction, Metric, Task
 
 log = logging.getLogger("hptune.jobs")
-
-
-ACTIVE = ("queued", "running")
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-REGRESSION_METRICS = ("val_loss", "val_rmse", "val_r2")
-CLASSIFICATION_METRICS = ("val_loss", "val_accuracy")
 
 
 def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
@@ -48,7 +44,7 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
             raise InvalidSpec(
                 f"unknown dataset {spec.dataset!r}; known: {', '.join(bundled_names())} "
                 "or the integer id of an uploaded dataset", field="dataset")
-        task = "regression" if spec.dataset == "regression" else "classification"
+        task = bundled_task(spec.dataset)
         shape = bundled_shape(spec.dataset)
     else:
         from service.datasets import get_dataset
@@ -57,14 +53,14 @@ def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
             row = get_dataset(db, owner, spec.dataset)
         except NotFound:
             raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset") from None
-        task = row.task
+        task = Task(row.task)
         shape = (row.n_rows, row.n_features, output_units(row.task, row.n_classes))
     missing = sampler_available(spec.sampler.name)
     if missing:
         raise InvalidSpec(missing, field="sampler.name")
-    allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
+    allowed = task.metrics
     if spec.metric not in allowed:
-        raise InvalidSpec(f"metric {spec.metric!r} does not fit a {task} dataset; use one of "
+        raise InvalidSpec(f"metric '{spec.metric}' does not fit a {task} dataset; use one of "
                           f"{', '.join(allowed)}", field="metric")
     _check_trial_memory(s.max_trial_bytes, spec, *shape)
 
@@ -157,7 +153,7 @@ def create_job(db: Database, owner: str, spec: JobSpec,
             if not dataset_exists(s, spec.dataset):
                 raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset")
         job = Job(owner=owner, name=spec.name, spec=spec.model_dump(mode="json"),
-                  status="queued", n_trials=spec.n_trials, reserved=0, claims=0)
+                  status=JobStatus.QUEUED, n_trials=spec.n_trials, reserved=0, claims=0)
         s.add(job)
         s.flush()
         job_id = job.id
@@ -201,17 +197,16 @@ def create_job_study(db: Database, job_id: int, owner: str, spec: JobSpec,
             if not study_is_ready(db.storage, name, spec):
                 raise Conflict(f"study {name!r} is being created by another process") from None
 
-    retrying(ensure)
-    if repaired:
-        retrying(lambda: db.storage.set_study_user_attr(
-            db.storage.get_study_id_from_name(name), "repaired", True))
+    DB_RETRY(ensure)
+    if repaired:  # both storage calls ride out outages themselves (ResilientRDBStorage)
+        db.storage.set_study_user_attr(db.storage.get_study_id_from_name(name), "repaired", True)
     _crash_point(db, "after_create_study")
 
     def store() -> None:
         with db.session() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.study_name.is_(None))
                       .values(study_name=name))
-    retrying(store)
+    DB_RETRY(store)
     return name
 
 
@@ -264,10 +259,13 @@ class StudyMissing(NotFound):
 
 
 def load_job_study(db: Database, job: Job) -> optuna.Study:
-    """The job's Optuna study, or StudyMissing (404) if it no longer exists."""
+    """The job's Optuna study, or StudyMissing (404) if it no longer exists.
+
+    Not retried here: the storage's reads ride out outages themselves (ResilientRDBStorage).
+    """
     name = job.study_name
     try:
-        return retrying(lambda: optuna.load_study(study_name=name, storage=db.storage))
+        return optuna.load_study(study_name=name, storage=db.storage)
     except KeyError:
         raise StudyMissing(f"job {job.id}'s study {name!r} no longer exists "
                            "(deleted or renamed outside hptune)") from None
@@ -278,21 +276,7 @@ def study_trials(db: Database, job: Job) -> list[FrozenTrial]:
     if not job.study_name:
         return []
     study = load_job_study(db, job)
-    return retrying(lambda: study.get_trials(deepcopy=False))
-
-
-# Counts and best values come straight from Optuna's tables in one aggregate query: loading
-# every trial of every listed job would cost a query per trial attribute. These tables and
-# columns (studies, trials.state, trial_values.value) have kept their shape since Optuna 2.
-_TRIAL_SUMMARY = text("""
-    SELECT s.study_name AS study, t.state AS state, count(*) AS n,
-           max(v.value) AS best_max, min(v.value) AS best_min
-    FROM studies s
-    JOIN trials t ON t.study_id = s.study_id
-    LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0
-    WHERE s.study_name IN :names
-    GROUP BY s.study_name, t.state
-""").bindparams(bindparam("names", expanding=True))
+    return study.get_trials(deepcopy=False)
 
 
 def trial_summaries(db: Database, jobs_: list[Job], session: Any = None
@@ -308,15 +292,11 @@ def trial_summaries(db: Database, jobs_: list[Job], session: Any = None
     if not names:
         return out
 
-    def attempt() -> list[Any]:
-        if session is not None:
-            return list(session.execute(_TRIAL_SUMMARY, {"names": names}))
-        with db.session() as s:
-            return list(s.execute(_TRIAL_SUMMARY, {"names": names}))
-
     keys = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
             "RUNNING": "running", "WAITING": "waiting"}
-    for row in (attempt() if session is not None else retrying(attempt)):
+    rows = (trial_store.trial_summary_rows(db, names, session) if session is not None
+            else DB_RETRY(trial_store.trial_summary_rows, db, names))
+    for row in rows:
         entry = out[row.study]
         entry["counts"][keys[row.state]] = int(row.n)
         if row.state == "COMPLETE":
@@ -331,7 +311,7 @@ def job_public(db: Database, job: Job, summary: dict[str, Any] | None = None
         summary = trial_summaries(db, [job]).get(job.study_name or "", {
             "counts": counts([]), "max": None, "min": None})
     c = summary["counts"]
-    maximize = metric_direction(job.spec.get("metric", "val_accuracy")) == "maximize"
+    maximize = metric_direction(job.spec.get("metric", Metric.VAL_ACCURACY)) == Direction.MAXIMIZE
     best = summary["max"] if maximize else summary["min"]
     return {
         "id": job.id,
@@ -364,7 +344,7 @@ def cancel_job(db: Database, owner: str | None, job_id: int) -> Job:
     with db.session() as s:
         res = s.execute(
             update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-            .values(status="cancelled", finished_at=utcnow())
+            .values(status=JobStatus.CANCELLED, finished_at=utcnow())
         )
         if res.rowcount == 0:
             job = s.get(Job, job_id)
@@ -380,7 +360,7 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
     # A job cancelled before its creation was finished may have a half-made study.
     name = job.study_name or study_name_for(job.id)
     with contextlib.suppress(KeyError):
-        retrying(lambda: optuna.delete_study(study_name=name, storage=db.storage))
+        DB_RETRY(optuna.delete_study, study_name=name, storage=db.storage)
     with db.session() as s:
         s.delete(s.get(Job, job_id))
 

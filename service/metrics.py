@@ -16,6 +16,7 @@ from service import jobs
 from service.db import Database
 from service.models import Job, as_utc
 from service.registry import live_workers
+from service.status import JobStatus
 
 # Trial durations (seconds) histogram buckets.
 DURATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -58,7 +59,7 @@ class _Collector:
             status_counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status))
                                  .all())
         g = GaugeMetricFamily("hptune_jobs", "Jobs by status.", labels=["status"])
-        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        for status in JobStatus:
             g.add_metric([status], status_counts.get(status, 0))
         yield g
 

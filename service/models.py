@@ -18,6 +18,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.status import JobStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -56,7 +58,7 @@ class Job(Base):
     owner: Mapped[str] = mapped_column(String(100), index=True)
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)
     n_trials: Mapped[int] = mapped_column(Integer)
     # Trial slots handed to workers; a worker's claim increments it only while below n_trials.
     reserved: Mapped[int] = mapped_column(Integer, default=0)

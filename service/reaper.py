@@ -12,12 +12,12 @@ from optuna.trial import TrialState
 from pydantic import ValidationError
 from sqlalchemy import select
 
-from search import JobSpec
-from service.db import Database, is_transient, retrying
+from search import ATTR_STOP_CAUSE, JobSpec, StopCause
+from search.study import ATTR_STOP_REASON
+from service import trial_store
+from service.db import Database
 from service.errors import DatabaseUnavailable, InvalidSpec, NotFound
 from service.jobs import (
-    ACTIVE,
-    TERMINAL,
     StudyMissing,
     create_job_study,
     get_job,
@@ -26,7 +26,10 @@ from service.jobs import (
 )
 from service.models import Job, as_utc, utcnow
 from service.procs import WORKER_PROCESS_ATTR, process_gone
-from service.scheduler import HANDED_BACK, STOP_CAUSE, refresh_job, retry_failed_trial, set_status
+from service.retry import DB_RETRY, is_transient
+from service.scheduler import refresh_job, retry_failed_trial, set_status
+from service.status import ACTIVE, TERMINAL, JobStatus
+from trainer import StopReason
 
 log = logging.getLogger("hptune.jobs")
 
@@ -39,7 +42,7 @@ REAP_QUIET_INTERVALS = 2
 def creation_abandoned(db: Database, job: Job) -> bool:
     """Whether `job` is queued without a study for longer than the creation grace: the
     remains of a creation whose process died, for repair_half_created to finish."""
-    if job.study_name or job.status != "queued" or job.created_at is None:
+    if job.study_name or job.status != JobStatus.QUEUED or job.created_at is None:
         return False
     age_s = (utcnow() - as_utc(job.created_at)).total_seconds()
     return age_s > db.settings.creation_grace_seconds
@@ -67,7 +70,7 @@ def repair_half_created(db: Database, job_id: int) -> bool:
             reason = exc.message if isinstance(exc, InvalidSpec) else str(exc)
             log.warning("job %s: its creation was interrupted and cannot be finished: %s",
                         job_id, reason)
-            set_status(db, job_id, "failed",
+            set_status(db, job_id, JobStatus.FAILED,
                         f"job creation was interrupted and cannot be finished: {reason}")
             return False
         name = create_job_study(db, job_id, job.owner, spec, warm, repaired=True)
@@ -79,16 +82,16 @@ def active_job_ids(db: Database) -> list[int]:
     def attempt() -> list[int]:
         with db.session() as s:
             return list(s.scalars(select(Job.id).where(Job.status.in_(ACTIVE))))
-    return retrying(attempt)
+    return DB_RETRY(attempt)
 
 
-def fail_trial(db: Database, study: optuna.Study, trial_id: int, reason: str | None = None,
-               error: str | None = None) -> bool:
+def fail_trial(db: Database, study: optuna.Study, trial_id: int,
+               reason: StopReason | None = None, error: str | None = None) -> bool:
     """Mark a RUNNING or WAITING trial FAIL; True if this call did it (and nobody else)."""
-    storage = study._storage
+    storage = trial_store.storage_of(study)
     try:
         if reason:
-            storage.set_trial_user_attr(trial_id, "stop_reason", reason)
+            storage.set_trial_user_attr(trial_id, ATTR_STOP_REASON, reason)
         if error:
             storage.set_trial_user_attr(trial_id, "error", error[:500])
         return bool(storage.set_trial_state_values(trial_id, state=TrialState.FAIL))
@@ -106,22 +109,23 @@ def _reap_quiet(db: Database) -> bool:
 def _reap_job(db: Database, job: Job) -> None:
     import datetime as _dt
 
+    # Optuna storage calls (the study's reads, fail_stale_trials' reads and state changes)
+    # ride out outages themselves (ResilientRDBStorage); plain SQL goes through DB_RETRY.
     study = load_job_study(db, job)
     if db.settings.reap_gone_processes:
         # Trials whose worker process this host can see is gone: FAIL at once, no grace.
-        running = retrying(lambda: db.storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.RUNNING,)))
-        for t in running:
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             identity = t.system_attrs.get(WORKER_PROCESS_ATTR)
             if identity and process_gone(identity):
-                fail_trial(db, study, t._trial_id, error="its worker process is gone")
+                fail_trial(db, study, trial_store.trial_id(t),
+                           error="its worker process is gone")
                 # the retry follows below
     # Heartbeat-stale trials: FAIL, then the storage's callback queues their retry.
-    retrying(lambda: optuna.storages.fail_stale_trials(study))
+    optuna.storages.fail_stale_trials(study)
     # Trials that never beat at all (the worker died right after creating them).
     grace = _dt.timedelta(seconds=db.settings.grace_period)
-    for trial_id in retrying(lambda: db.running_trials_without_heartbeat(job.study_name)):
-        t = retrying(lambda tid=trial_id: study._storage.get_trial(tid))
+    for trial_id in DB_RETRY(trial_store.running_trials_without_heartbeat, db, job.study_name):
+        t = trial_store.storage_of(study).get_trial(trial_id)
         if t.datetime_start is not None and _dt.datetime.now() - t.datetime_start > grace:
             fail_trial(db, study, trial_id, error="the worker died before its first heartbeat")
             # the retry follows below
@@ -129,10 +133,10 @@ def _reap_job(db: Database, job: Job) -> None:
     # queueing its retry, or a retry that found no free slot then. Chains at their retry
     # limit are left alone (their slot goes to a fresh sample).
     if job.status in ACTIVE:
-        retried = retrying(lambda: db.retried_trial_numbers(job.study_name))
-        failed = retrying(lambda: db.storage.get_all_trials(
-            study._study_id, deepcopy=False, states=(TrialState.FAIL,)))
-        handed_back = {t.number for t in failed if t.user_attrs.get(STOP_CAUSE) == HANDED_BACK}
+        retried = DB_RETRY(trial_store.retried_trial_numbers, db, job.study_name)
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        handed_back = {t.number for t in failed
+                       if t.user_attrs.get(ATTR_STOP_CAUSE) == StopCause.HANDED_BACK}
         for t in failed:
             if t.number in retried:
                 continue
@@ -145,7 +149,7 @@ def _reap_job(db: Database, job: Job) -> None:
 def _settle_ended_jobs(db: Database) -> None:
     """Jobs that ended (cancelled, timed out, failed) keep no RUNNING or WAITING trials: stale
     running ones are failed once their heartbeat stops, queued retries are failed at once."""
-    names = retrying(db.studies_with_unfinished_trials)
+    names = DB_RETRY(trial_store.studies_with_unfinished_trials, db)
     if not names:
         return
     with db.session() as s:
@@ -155,9 +159,8 @@ def _settle_ended_jobs(db: Database) -> None:
         with _one_job(db, job.id):
             study = load_job_study(db, job)
             _reap_job(db, job)
-            for t in retrying(lambda s=study: s.get_trials(deepcopy=False,
-                                                           states=(TrialState.WAITING,))):
-                fail_trial(db, study, t._trial_id, reason="cancelled",
+            for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                fail_trial(db, study, trial_store.trial_id(t), reason=StopReason.CANCELLED,
                            error=f"job {job.status} before this retry ran")
 
 
@@ -170,7 +173,7 @@ def _one_job(db: Database, job_id: int) -> Iterator[None]:
         yield
     except StudyMissing as exc:
         log.warning("job %s: %s", job_id, exc.message)
-        set_status(db, job_id, "failed", exc.message)
+        set_status(db, job_id, JobStatus.FAILED, exc.message)
     except DatabaseUnavailable:
         raise
     except Exception as exc:

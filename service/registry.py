@@ -8,8 +8,9 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from service.db import Database, retrying
+from service.db import Database
 from service.models import WorkerRow, as_utc, utcnow
+from service.retry import DB_RETRY
 
 # A worker that has not been seen for this long counts as gone.
 WORKER_LIVE_WINDOW_S = 60
@@ -27,7 +28,7 @@ def worker_seen(db: Database, name: str, state: str, trials_run: int) -> None:
             row.last_seen = utcnow()
             row.state = state
             row.trials_run = trials_run
-    retrying(attempt)
+    DB_RETRY(attempt)
 
 
 def live_workers(db: Database, window_s: float = WORKER_LIVE_WINDOW_S) -> list[WorkerRow]:

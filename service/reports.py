@@ -13,8 +13,9 @@ from sqlalchemy import select
 from search import JobSpec, build_report, trial_to_dict
 from service.db import Database
 from service.errors import NotFound
-from service.jobs import TERMINAL, get_job, job_public, load_job_study, study_trials
+from service.jobs import get_job, job_public, load_job_study, study_trials
 from service.models import Job
+from service.status import TERMINAL
 
 
 def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:

@@ -10,26 +10,28 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import func, select, update
 
-from search import JobSpec
-from service.db import SLOT_STATES, Database, retrying
-from service.jobs import ACTIVE, get_job, study_trials
+from search import ATTR_STOP_CAUSE, JobSpec, StopCause
+from service import trial_store
+from service.db import Database
+from service.jobs import get_job, study_trials
 from service.models import Job, utcnow
+from service.retry import DB_RETRY
+from service.status import ACTIVE, JobStatus
+from service.trial_store import SLOT_STATES
 
 # Exact trial counts. A trial holds one of its job's n_trials slots while it is RUNNING,
-# COMPLETE or PRUNED (db.SLOT_STATES); FAIL and WAITING trials hold none. Every step that adds
-# such a trial runs under the job's lock (db.job_lock): a claim counts the slots in use and,
-# only if one is free, asks Optuna for the trial (popping a queued retry first); queueing a
+# COMPLETE or PRUNED (trial_store.SLOT_STATES); FAIL and WAITING trials hold none. Every step
+# that adds such a trial runs under the job's lock (db.job_lock): a claim counts the slots in
+# use and, only if one is free, asks Optuna for the trial (popping a queued retry first); queueing a
 # retry needs a free slot too. Steps that take a slot away (a trial failing) need no lock.
 # So RUNNING + COMPLETE + PRUNED + WAITING never exceeds n_trials, the job ends with exactly
 # n_trials finished, and the count is read from the trials themselves: nothing to leak when a
 # worker dies between two statements.
 
-# Trials whose worker stopped early: on SIGTERM (`handed_back`, retried without using up
-# the retry limit) or when the job timed out (`timed_out`). Recorded as the trial user
-# attribute `stop_cause` (the trial's stop_reason says `cancelled`: it ended on request).
-STOP_CAUSE = "stop_cause"
-HANDED_BACK = "handed_back"
-TIMED_OUT = "timed_out"
+# Trials whose worker stopped early carry the trial user attribute `stop_cause`
+# (search.ATTR_STOP_CAUSE, a search.StopCause): `handed_back` on SIGTERM, retried without
+# using up the retry limit, or `timed_out` when the job timed out. Their stop_reason says
+# `cancelled`: they ended on request.
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def claimable_jobs(db: Database, limit: int = 50) -> list[Candidate]:
                 select(Job.id, Job.owner, Job.spec, Job.study_name, Job.n_trials)
                 .where(Job.status.in_(ACTIVE), Job.study_name.is_not(None))
             ).all()
-        counts = db.slots_and_running([r.study_name for r in rows])
+        counts = trial_store.slots_and_running(db, [r.study_name for r in rows])
         owner_running: dict[str, int] = {}
         for r in rows:
             owner_running[r.owner] = (owner_running.get(r.owner, 0)
@@ -93,7 +95,7 @@ def claimable_jobs(db: Database, limit: int = 50) -> list[Candidate]:
                                  r.id))
         return [Candidate(r.id, JobSpec.model_validate(r.spec), r.study_name, r.owner)
                 for r in free[:limit]]
-    return retrying(attempt)
+    return DB_RETRY(attempt)
 
 
 def claim_slot(db: Database, job_id: int) -> Claim | None:
@@ -116,7 +118,7 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
         if deadline is not None and _time.time() >= deadline:
             refresh_job(db, job_id)  # timed out: no new trial starts
             return None
-        counts = db.trial_state_counts(job.study_name)
+        counts = trial_store.trial_state_counts(db, job.study_name)
         # A job past its crash limit starts nothing more: without this check, claims racing
         # the reaper's refresh could keep sampling trials that crash.
         if (counts.get("FAIL", 0) > _crash_limit(db, job.n_trials)
@@ -128,7 +130,7 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
         with db.session() as s:
             row = s.execute(
                 update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                .values(reserved=in_use + 1, claims=Job.claims + 1, status="running",
+                .values(reserved=in_use + 1, claims=Job.claims + 1, status=JobStatus.RUNNING,
                         started_at=func.coalesce(Job.started_at, utcnow()))
                 .returning(Job.spec, Job.study_name, Job.claims, Job.started_at)
                 .execution_options(synchronize_session=False)
@@ -139,7 +141,7 @@ def claim_slot(db: Database, job_id: int) -> Claim | None:
         return Claim(job_id, spec, row.study_name, row.claims,
                      job_deadline(spec, row.started_at))
 
-    return retrying(attempt)
+    return DB_RETRY(attempt)
 
 
 def release_slot(db: Database, job_id: int) -> None:
@@ -150,10 +152,10 @@ def release_slot(db: Database, job_id: int) -> None:
             name = s.scalar(select(Job.study_name).where(Job.id == job_id))
         if not name:
             return
-        n = db.slots_in_use([name]).get(name, 0)
+        n = trial_store.slots_in_use(db, [name]).get(name, 0)
         with db.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(reserved=n))
-    retrying(attempt)
+    DB_RETRY(attempt)
 
 
 def job_status(db: Database, job_id: int) -> str | None:
@@ -161,17 +163,17 @@ def job_status(db: Database, job_id: int) -> str | None:
     def attempt() -> str | None:
         with db.session() as s:
             return s.scalar(select(Job.status).where(Job.id == job_id))
-    return retrying(attempt)
+    return DB_RETRY(attempt)
 
 
-def set_status(db: Database, job_id: int, status: str, error: str | None) -> None:
+def set_status(db: Database, job_id: int, status: JobStatus, error: str | None) -> None:
     """End an active job with `status` and `error`; a job already ended is left as it is."""
     def attempt() -> None:
         with db.session() as s:
             s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
                       .values(status=status, error=error[:1000] if error else None,
                               finished_at=utcnow()))
-    retrying(attempt)
+    DB_RETRY(attempt)
 
 
 def _crash_limit(db: Database, n_trials: int) -> int:
@@ -193,22 +195,23 @@ def refresh_job(db: Database, job_id: int) -> str | None:
     job = get_job(db, None, job_id)
     if job.status not in ACTIVE:
         return job.status
-    c = retrying(lambda: db.trial_state_counts(job.study_name)) if job.study_name else {}
+    c = (DB_RETRY(trial_store.trial_state_counts, db, job.study_name) if job.study_name
+         else {})
     finished = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
     new = error = None
     deadline = job_deadline(job.spec, job.started_at)
     if (finished >= job.n_trials and c.get("RUNNING", 0) == 0
             and c.get("WAITING", 0) == 0):
-        new = "succeeded"
+        new = JobStatus.SUCCEEDED
     elif deadline is not None and _time.time() >= deadline:
-        new = "failed"
+        new = JobStatus.FAILED
         error = (f"timed out after {job.spec.get('timeout_seconds'):g} s with {finished} of "
                  f"{job.n_trials} trials finished")
     elif c.get("FAIL", 0) > _crash_limit(db, job.n_trials):
         crashed = [t for t in study_trials(db, job) if t.state == TrialState.FAIL
-                   and t.user_attrs.get(STOP_CAUSE) != HANDED_BACK]
+                   and t.user_attrs.get(ATTR_STOP_CAUSE) != StopCause.HANDED_BACK]
         if len(crashed) > _crash_limit(db, job.n_trials):
-            new, error = "failed", f"{len(crashed)} trials failed"
+            new, error = JobStatus.FAILED, f"{len(crashed)} trials failed"
     if new:
         set_status(db, job_id, new, error)
         return new
@@ -217,7 +220,7 @@ def refresh_job(db: Database, job_id: int) -> str | None:
 
 def fail_job(db: Database, job_id: int, error: str) -> None:
     """End a job that cannot run (its dataset will not load, say)."""
-    set_status(db, job_id, "failed", error)
+    set_status(db, job_id, JobStatus.FAILED, error)
 
 
 def _retry_of(trial: FrozenTrial) -> int | None:
@@ -247,7 +250,7 @@ def retry_failed_trial(db: Database, study: optuna.Study, trial: FrozenTrial) ->
                                 .where(Job.id == job_id)).first()
             if job is None or job.status not in ACTIVE:
                 return False
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = study.get_trials(deepcopy=False)
             by_number = {t.number: t for t in trials}
             current = by_number.get(trial.number, trial)
             if current.state != TrialState.FAIL:
@@ -260,8 +263,8 @@ def retry_failed_trial(db: Database, study: optuna.Study, trial: FrozenTrial) ->
                 return False
             chain = [*(current.system_attrs.get("retry_history") or []), trial.number]
             handed_back = sum(
-                1 for n in chain
-                if n in by_number and by_number[n].user_attrs.get(STOP_CAUSE) == HANDED_BACK
+                1 for n in chain if n in by_number
+                and by_number[n].user_attrs.get(ATTR_STOP_CAUSE) == StopCause.HANDED_BACK
             )
             template = copy.deepcopy(current)
             # The retry starts clean: only the spec's fixed values carry over, not the failed
@@ -272,9 +275,9 @@ def retry_failed_trial(db: Database, study: optuna.Study, trial: FrozenTrial) ->
             optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=db.settings.max_trial_retries + handed_back
             )(study, template)
-            return len(study._storage.get_all_trials(study._study_id, deepcopy=False)) > n_before
+            return len(study.get_trials(deepcopy=False)) > n_before
 
-        queued = retrying(attempt)
+        queued = DB_RETRY(attempt)
     if queued:
         release_slot(db, job_id)
     return queued

@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     # Seconds a worker has after SIGTERM to finish its epoch and hand its trial back before it
     # exits anyway (the trial is then failed by its heartbeat and retried).
     stop_timeout: float = Field(default=25.0, gt=0)
-    # Fault injection for tests only: "NAME=VALUE" makes a worker hard-exit (os._exit(1))
-    # after the first epoch of every trial whose parameter NAME equals VALUE (a poison trial).
+    # Fault injection for tests only (service.faults): "NAME=VALUE" makes a worker hard-exit
+    # (os._exit(86)) after the first epoch of every trial whose parameter NAME equals VALUE.
     test_crash_on_param: str | None = None
     # Fault injection for tests only: the API process hard-exits (os._exit(1)) at this step
     # of job creation (service.jobs._crash_point), to show that half-created jobs are repaired.
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 << 20, ge=1024)
     # Bytes that parsing, checking and storing one upload may allocate, estimated before the
     # work starts from the CSV's header width and line count or the NPZ's array headers
-    # (service.datasets.memory_estimate); a larger estimate is refused with a 422.
+    # (service.uploads.memory_estimate); a larger estimate is refused with a 422.
     max_parse_bytes: int = Field(default=256 << 20, ge=1 << 20)
     # Per-owner dataset quotas (count, and the stored size_bytes summed), counted in the
     # database under the owner's lock, so they hold across API processes; over them, 429.

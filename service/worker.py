@@ -6,6 +6,9 @@ stops) and retried, never lost and never counted twice. SIGTERM (or SIGINT) stop
 end of the running epoch: the trial is handed back (FAIL, stop_cause `handed_back`) and its
 parameters queued again, and the process exits; after `HPTUNE_STOP_TIMEOUT` seconds, or on a
 second signal, it exits at once and the heartbeat reaper takes over.
+
+One trial's state (its heartbeat, stop checks and settling) is a `service.trial_run.TrialRun`;
+faults that tests inject (`HPTUNE_TEST_CRASH_ON_PARAM`) live in `service.faults`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ import time
 import warnings
 
 import optuna
-from optuna.trial import TrialState
 from threadpoolctl import threadpool_limits
 
 from search import TrialOutcome, build_sampler, load_study, run_trial
-from service import jobs, reaper, scheduler
+from service import reaper, scheduler
 from service.datasets import load_job_dataset
-from service.db import Database, JobLock, is_transient
-from service.errors import DatabaseUnavailable
-from service.procs import WORKER_PROCESS_ATTR, process_identity
+from service.db import Database, JobLock
+from service.errors import DatabaseUnavailable, one_line
+from service.faults import FaultInjector
+from service.procs import process_identity
+from service.retry import is_transient
 from service.settings import Settings
+from service.trial_run import TrialRun
 
 log = logging.getLogger("hptune.worker")
 
@@ -37,66 +42,15 @@ log = logging.getLogger("hptune.worker")
 REAP_INTERVAL_S = 5.0
 # How often a worker updates its row in the worker registry (shown by /metrics).
 REGISTRY_INTERVAL_S = 10.0
-# Shortest time between two reads of a running trial's job status (cancel checks).
-CANCEL_POLL_MIN_S = 0.05
 # Backoff of the loop after a database error: doubles from the first value up to the cap.
 ERROR_BACKOFF_FIRST_S = 0.5
 ERROR_BACKOFF_MAX_S = 10.0
 # Studies a worker keeps open (most recently used first out last).
 STUDY_CACHE_SIZE = 4
-# Exit status of a worker that exits on purpose in a test (HPTUNE_TEST_CRASH_ON_PARAM).
-TEST_CRASH_EXIT_CODE = 86
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 # The worker drives ask/tell itself and runs Optuna's heartbeats in its own thread.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-
-
-class Heartbeat:
-    """Records Optuna heartbeats for one running trial from a background thread."""
-
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval_s: float):
-        self._storage = storage
-        self.trial_id = trial_id
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="heartbeat")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._storage.record_heartbeat(self.trial_id)
-            except Exception as exc:  # a missed beat is retried; the grace period absorbs it
-                log.warning("heartbeat for trial %s failed: %s", self.trial_id, _one_line(exc))
-            if self._stop.wait(self._interval_s):
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-
-def parse_crash_param(value: str | None) -> tuple[str, str] | None:
-    """HPTUNE_TEST_CRASH_ON_PARAM "NAME=VALUE" as (name, value), or None."""
-    if not value:
-        return None
-    name, _, target = value.partition("=")
-    return name.strip(), target.strip()
-
-
-def param_matches(params: dict[str, object], crash: tuple[str, str] | None) -> bool:
-    """Whether a trial's parameters select it for the test crash (numbers compare as floats)."""
-    if crash is None or crash[0] not in params:
-        return False
-    value = params[crash[0]]
-    try:
-        return float(value) == float(crash[1])  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(value) == crash[1]
 
 
 class Worker:
@@ -107,7 +61,7 @@ class Worker:
         self.name = name or f"worker-{os.getpid()}"
         self._stop = threading.Event()
         self.trials_run = 0
-        self._crash = parse_crash_param(db.settings.test_crash_on_param)
+        self._faults = FaultInjector.from_settings(db.settings, self.name)
         self._last_registry = 0.0
         # Open studies by name: their cache keeps finished trials, so a worker reads each
         # finished trial once instead of the whole study before every trial.
@@ -152,7 +106,7 @@ class Worker:
                     try:
                         reaper.reap(self.db)
                     except Exception as exc:
-                        log.warning("%s: reaper round failed: %s", self.name, _one_line(exc))
+                        log.warning("%s: reaper round failed: %s", self.name, one_line(exc))
                 try:
                     ran = self.run_one()
                     errors = 0
@@ -161,7 +115,7 @@ class Worker:
                     delay = min(ERROR_BACKOFF_FIRST_S * 2 ** (errors - 1), ERROR_BACKOFF_MAX_S)
                     delay *= random.uniform(0.75, 1.25)
                     log.warning("%s: %s; trying again in %.1f s", self.name,
-                                _one_line(exc), delay)
+                                one_line(exc), delay)
                     if not isinstance(exc, DatabaseUnavailable) and not is_transient(exc):
                         log.debug("traceback", exc_info=exc)
                     self._stop.wait(delay)
@@ -193,7 +147,7 @@ class Worker:
 
             worker_seen(self.db, self.name, state, self.trials_run)
         except Exception as exc:
-            log.debug("%s: registry update failed: %s", self.name, _one_line(exc))
+            log.debug("%s: registry update failed: %s", self.name, one_line(exc))
 
     def run_one(self) -> bool:
         """Claim a slot of the fairest job with room and run its trial; False if no work.
@@ -239,66 +193,15 @@ class Worker:
 
         `lock` (the job's claim lock, if held) is released as soon as the trial exists.
         """
-        db = self.db
         study = self._study(claim)
-        started: list[optuna.Trial] = []
-        heartbeat: list[Heartbeat] = []
-
-        def on_started(trial: optuna.Trial) -> None:
-            started.append(trial)
-            try:  # a first beat before anything else, so the reaper sees the trial alive
-                db.storage.record_heartbeat(trial._trial_id)
-                if self._identity:  # lets a reaper on this host see at once if we die
-                    db.storage.set_trial_system_attr(trial._trial_id, WORKER_PROCESS_ATTR,
-                                                     self._identity)
-            except Exception as exc:
-                log.warning("first heartbeat of trial %s failed: %s", trial.number,
-                            _one_line(exc))
-            hb = Heartbeat(db.storage, trial._trial_id, db.settings.heartbeat_interval)
-            hb.start()
-            heartbeat.append(hb)
-            if lock is not None:
-                lock.release()
-
-        def stop_with(cause: str | None) -> str:
-            if cause and started:
-                try:
-                    started[0].set_user_attr(scheduler.STOP_CAUSE, cause)
-                except Exception as exc:
-                    log.warning("could not record stop cause: %s", _one_line(exc))
-            return cause or "cancelled"
-
-        last_status_read = [-math.inf]
-
-        def should_stop() -> str | None:
-            trial = started[0] if started else None
-            if trial is not None and param_matches(trial.params, self._crash):
-                log.error("%s: HPTUNE_TEST_CRASH_ON_PARAM matches trial %s %s; exiting hard",
-                          self.name, trial.number, trial.params)
-                logging.shutdown()
-                os._exit(TEST_CRASH_EXIT_CODE)
-            if self.stopping:
-                return stop_with(scheduler.HANDED_BACK)
-            if claim.deadline is not None and time.time() >= claim.deadline:
-                scheduler.refresh_job(db, claim.job_id)  # marks the job timed out
-                return stop_with(scheduler.TIMED_OUT)
-            # A cancel stops the trial within one epoch plus CANCEL_POLL_MIN_S: the status is
-            # read at every epoch end, but not more often than that (very short epochs would
-            # otherwise pay a database round trip each).
-            now = time.monotonic()
-            if now - last_status_read[0] >= CANCEL_POLL_MIN_S:
-                last_status_read[0] = now
-                if scheduler.job_status(db, claim.job_id) not in jobs.ACTIVE:
-                    return stop_with(None)
-            # A long trial keeps the worker's registry row fresh too (rate-limited).
-            self._announce("busy")
-            return None
-
+        run = TrialRun(self.db, claim, study, self._stop, self.name, lock=lock,
+                       faults=self._faults, identity=self._identity,
+                       keep_alive=lambda: self._announce("busy"))
         outcome: TrialOutcome | None = None
         error: BaseException | None = None
         try:
-            outcome = run_trial(study, claim.spec, data, should_stop=should_stop,
-                                on_started=on_started)
+            outcome = run_trial(study, claim.spec, data, should_stop=run.should_stop,
+                                on_started=run.on_started)
             log.info("%s job %s trial %s: %s (%s)", self.name, claim.job_id, outcome.number,
                      outcome.state.name, outcome.stop_reason)
         except optuna.exceptions.UpdateFinishedTrialError as exc:
@@ -309,47 +212,10 @@ class Worker:
                         self.name, claim.job_id)
         except Exception as exc:
             error = exc
-            log.warning("%s job %s: trial failed: %s", self.name, claim.job_id, _one_line(exc))
+            log.warning("%s job %s: trial failed: %s", self.name, claim.job_id, one_line(exc))
         finally:
-            if lock is not None:
-                lock.release()
-            try:
-                self._settle(claim, study, started, outcome, error)
-            finally:
-                for hb in heartbeat:
-                    hb.stop()
-
-    def _settle(self, claim: scheduler.Claim, study: optuna.Study, started: list[optuna.Trial],
-                outcome: TrialOutcome | None, error: BaseException | None) -> None:
-        """Leave the trial told (COMPLETE/PRUNED) or FAIL with its retry queued."""
-        db = self.db
-        try:
-            if started and (outcome is None or outcome.state == TrialState.FAIL):
-                trial_id = started[0]._trial_id
-                frozen = study._storage.get_trial(trial_id)
-                if frozen.state == TrialState.RUNNING:
-                    # The tell never landed (an outage outlasted the retries): fail it here.
-                    reaper.fail_trial(db, study, trial_id, reason="failed",
-                                    error=_one_line(error) if error else "not told")
-                    frozen = study._storage.get_trial(trial_id)
-                if frozen.state == TrialState.FAIL:
-                    scheduler.retry_failed_trial(db, study, frozen)
-            scheduler.refresh_job(db, claim.job_id)
-        except Exception as exc:
-            # The database is still away: the trial stays RUNNING without heartbeats, and the
-            # reaper fails and retries it after the grace period.
-            log.warning("%s job %s: could not settle the trial (%s); the reaper will",
-                        self.name, claim.job_id, _one_line(exc))
-
-
-def _one_line(exc: BaseException | None) -> str:
-    """`Type: first line` of an error, naming the driver's error under Optuna's wrapper."""
-    if exc is None:
-        return ""
-    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+            # The outcome is decided here, whatever happened: told, or FAIL and retried.
+            run.finish(outcome, error)
 
 
 def run_worker(settings: Settings) -> None:
@@ -383,7 +249,7 @@ def run_worker(settings: Settings) -> None:
             attempt += 1
             delay = min(ERROR_BACKOFF_FIRST_S * 2 ** (attempt - 1), ERROR_BACKOFF_MAX_S)
             log.warning("%s: database not ready (%s); trying again in %.1f s", worker.name,
-                        _one_line(exc), delay)
+                        one_line(exc), delay)
             worker._stop.wait(delay)
     try:
         worker.run()

@@ -1,9 +1,9 @@
-"""Fixtures shared by every suite: free ports, a real `hptune serve` process, API keys."""
+"""Fixtures shared by every suite: a real `hptune serve` process (`start_server`, the session's
+`server`, also used by the benchmarks) and API keys, on the helpers of service/spawn.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.spawn import cli_create_key, free_port, spawn_service, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hptune(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120
@@ -31,8 +27,7 @@ def hptune(*args: str, env: dict[str, str], check: bool = True, timeout: float =
 
 
 def create_key(env: dict[str, str], owner: str, admin: bool = False) -> str:
-    args = ["keys", "create", "--owner", owner] + (["--admin"] if admin else [])
-    return hptune(*args, env=env).stdout.strip().splitlines()[-1]
+    return cli_create_key(env, owner, admin, cwd=ROOT)
 
 
 @dataclass
@@ -73,20 +68,13 @@ def start_server(tmp: Path, database_url: str | None = None, workers: int = 2,
     port = free_port()
     log_path = tmp / f"serve-{port}.log"
     with open(log_path, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(port),
-             "--workers", str(workers)], env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        proc = spawn_service(["serve", "--port", str(port), "--workers", str(workers)],
+                             env, fh, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hptune serve exited:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return Server(url, env, proc, log_path)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(url, proc, timeout_s=60):
+        return Server(url, env, proc, log_path)
+    if proc.poll() is not None:
+        raise RuntimeError(f"hptune serve exited:\n{log_path.read_text()}")
     proc.kill()
     raise RuntimeError(f"hptune serve did not answer:\n{log_path.read_text()}")
 

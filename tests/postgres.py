@@ -14,12 +14,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from service.spawn import free_port
 
 # Programs the server needs, looked up on PATH and then in Debian's versioned directories.
 PROGRAMS = ("initdb", "pg_ctl", "postgres")
@@ -58,19 +59,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class PostgresServer:
     """One throwaway cluster; `stop()`/`start()` may be called again to simulate an outage."""
 
     bindir: Path
     root: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     user: str = "postgres"
     _n_databases: int = 0
 

@@ -13,7 +13,8 @@ read the datasets bundled with it).
 
 Modules: config (TrainConfig), datasets (Dataset, load_dataset, from_arrays), network (MLP:
 forward/backward/losses), optimizers (step(params, grads) update rules), schedules (pure
-lr(step) functions), fit (the loop, TrainResult).
+lr(step) functions), fit (the loop, TrainResult), vocab (the names above as StrEnums:
+Task, Activation, Optimizer, Schedule, Metric and its Direction, StopReason).
 
 The trainer does not limit BLAS threads; callers that run several trainings at once (the
 service's workers) pin them, e.g. with threadpoolctl.
@@ -21,14 +22,31 @@ service's workers) pin them, e.g. with threadpoolctl.
 
 from trainer.config import TrainConfig
 from trainer.datasets import DATASETS, Dataset, from_arrays, load_dataset
-from trainer.fit import STOP_REASONS, TrainResult, fit
+from trainer.fit import TrainResult, fit
 from trainer.network import MLP
+from trainer.vocab import (
+    STOP_REASONS,
+    Activation,
+    Direction,
+    Metric,
+    Optimizer,
+    Schedule,
+    StopReason,
+    Task,
+)
 
 __all__ = [
     "DATASETS",
     "MLP",
     "STOP_REASONS",
+    "Activation",
     "Dataset",
+    "Direction",
+    "Metric",
+    "Optimizer",
+    "Schedule",
+    "StopReason",
+    "Task",
     "TrainConfig",
     "TrainResult",
     "fit",

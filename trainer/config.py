@@ -7,16 +7,19 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad")
-SCHEDULES = ("constant", "step", "exponential", "cosine", "cosine_restarts", "onecycle")
+from trainer.vocab import Activation, Direction, Metric, Optimizer, Schedule
+
+ACTIVATIONS = tuple(Activation)
+OPTIMIZERS = tuple(Optimizer)
+SCHEDULES = tuple(Schedule)
 INITS = ("auto", "he", "xavier")
 DTYPES = ("float32", "float64")
 
 
 def metric_mode(name: str) -> str:
-    """Return "max" for metrics to maximise (*accuracy, *r2) and "min" otherwise."""
-    return "max" if name.endswith(("accuracy", "r2")) else "min"
+    """Return "max" for metrics to maximise (val_accuracy, val_r2) and "min" otherwise."""
+    maximize = name in tuple(Metric) and Metric(name).direction is Direction.MAXIMIZE
+    return "max" if maximize else "min"
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class TrainConfig:
     # Widths of the hidden layers, input side first; () is a linear/logistic model.
     hidden_layers: tuple[int, ...] = (128, 64)
     # Hidden-layer nonlinearity; "gelu" is the tanh approximation (PyTorch approximate="tanh").
-    activation: str = "relu"
+    activation: str = Activation.RELU
     # Update rule, see trainer.optimizers.
     optimizer: str = "adam"
     # Peak learning rate (before schedule/warm-up factors), > 0.

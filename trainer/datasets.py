@@ -22,16 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.vocab import Task
+
 DATASETS = ("digits", "breast_cancer", "wine", "iris", "mnist1d", "regression")
 # What each bundled dataset is, known without loading it: (rows, features, classes, task);
 # classes is 1 for regression. tests/trainer/test_memory.py checks it against load_dataset.
 DATASET_SHAPES = {
-    "digits": (1797, 64, 10, "multiclass"),
-    "breast_cancer": (569, 30, 2, "binary"),
-    "wine": (178, 13, 3, "multiclass"),
-    "iris": (150, 4, 3, "multiclass"),
-    "mnist1d": (5000, 40, 10, "multiclass"),
-    "regression": (3000, 10, 1, "regression"),
+    "digits": (1797, 64, 10, Task.MULTICLASS),
+    "breast_cancer": (569, 30, 2, Task.BINARY),
+    "wine": (178, 13, 3, Task.MULTICLASS),
+    "iris": (150, 4, 3, Task.MULTICLASS),
+    "mnist1d": (5000, 40, 10, Task.MULTICLASS),
+    "regression": (3000, 10, 1, Task.REGRESSION),
 }
 SPLIT = (0.70, 0.15, 0.15)  # train / validation / test fractions for from_arrays and sklearn sets
 MIN_ROWS = 10  # fewest rows from_arrays accepts (each split needs at least one)
@@ -53,7 +55,7 @@ class Dataset:
     """
 
     name: str
-    task: str
+    task: Task
     X_train: np.ndarray
     y_train: np.ndarray
     X_val: np.ndarray
@@ -85,11 +87,9 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
         return _mnist1d(seed)
     if name == "regression":
         X, y = _regression_data()
-        return from_arrays(X, y, seed=seed, name=name, task="regression")
+        return from_arrays(X, y, seed=seed, name=name, task=Task.REGRESSION)
     X, y = _sklearn_data(name)
-    return from_arrays(
-        X, y, seed=seed, name=name, task="binary" if name == "breast_cancer" else "multiclass"
-    )
+    return from_arrays(X, y, seed=seed, name=name, task=DATASET_SHAPES[name][3])
 
 
 def from_arrays(
@@ -124,11 +124,12 @@ def from_arrays(
         raise ValueError("X contains NaN or infinite values")
     if task is None:
         task = _infer_task(y)
-    if task not in ("multiclass", "binary", "regression"):
-        raise ValueError(f"task must be multiclass, binary, regression or None; got {task!r}")
+    if task not in tuple(Task):
+        raise ValueError(f"task must be {', '.join(Task)} or None; got {task!r}")
+    task = Task(task)
 
     rng = np.random.default_rng(seed)
-    if task == "regression":
+    if task == Task.REGRESSION:
         try:
             y = y.astype(np.float64)
         except (TypeError, ValueError):
@@ -144,7 +145,7 @@ def from_arrays(
         n_classes = len(classes)
         if n_classes < 2:
             raise ValueError(f"classification needs at least 2 classes, y has only {classes!r}")
-        if task == "binary" and n_classes != 2:
+        if task == Task.BINARY and n_classes != 2:
             raise ValueError(f"task 'binary' needs exactly 2 classes, y has {n_classes}")
         train, val, test = _stratified_split(ids, rng)
         y_out = ids.astype(np.int64)
@@ -168,7 +169,7 @@ def from_arrays(
     )
 
 
-def _infer_task(y: np.ndarray) -> str:
+def _infer_task(y: np.ndarray) -> Task:
     if y.dtype.kind in "biu" or y.dtype.kind in "OUS":
         integer_valued = True
     elif y.dtype.kind == "f":
@@ -177,10 +178,10 @@ def _infer_task(y: np.ndarray) -> str:
         integer_valued = False
     n_distinct = len(np.unique(y))
     if integer_valued and n_distinct <= MAX_CLASSES_INFERRED:
-        return "binary" if n_distinct == 2 else "multiclass"
+        return Task.BINARY if n_distinct == 2 else Task.MULTICLASS
     if y.dtype.kind in "OUS":
         raise ValueError(f"y has {n_distinct} distinct non-numeric labels; too many classes")
-    return "regression"
+    return Task.REGRESSION
 
 
 def _random_split(n: int, rng: np.random.Generator):
@@ -412,7 +413,7 @@ def _mnist1d(seed: int) -> Dataset:
     mean, std = _standardiser(X_rest[train])
     return Dataset(
         name="mnist1d",
-        task="multiclass",
+        task=Task.MULTICLASS,
         X_train=_apply(X_rest[train], mean, std),
         y_train=y_rest[train],
         X_val=_apply(X_rest[val], mean, std),

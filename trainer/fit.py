@@ -15,6 +15,7 @@ from trainer.datasets import Dataset
 from trainer.network import MLP, output_units
 from trainer.optimizers import make_optimizer
 from trainer.schedules import lr_at
+from trainer.vocab import StopReason, Task
 
 # A batch loss that is not finite, or larger than this factor times max(1, first batch
 # loss of the run), means the run diverged; it stops at that step.
@@ -28,8 +29,6 @@ NOISE_BLOCK_VALUES = 1 << 18
 _MASK_LEVELS = 1 << 16
 _U64_MAX = (1 << 64) - 1
 
-STOP_REASONS = ("max_epochs", "early_stopped", "pruned", "diverged")
-
 EpochCallback = Callable[[int, dict[str, float]], Any]
 ExamplesCallback = Callable[[int, dict[str, float]], Any]
 
@@ -41,7 +40,7 @@ class TrainResult:
     history: list[dict[str, float]]
     best_epoch: int | None  # 1-based; None only if the first epoch diverged
     best_value: float | None  # value of config.monitor at best_epoch
-    stop_reason: str  # one of STOP_REASONS
+    stop_reason: StopReason  # one of STOP_REASONS
     stopped_epoch: int  # last epoch trained (a partial one counts) == len(history)
     test_metrics: dict[str, float]  # of the weights kept at the end (best ones by default)
     diverged_loss: float | None = None  # the offending batch loss when stop_reason == "diverged"
@@ -108,9 +107,7 @@ def build_network(config: TrainConfig, data: Dataset, rng: np.random.Generator |
 
 def validation_metric_names(task: str) -> tuple[str, ...]:
     """Metrics `monitor` may name for a task."""
-    if task == "regression":
-        return ("val_loss", "val_rmse", "val_r2")
-    return ("val_loss", "val_accuracy")
+    return Task(task).metrics
 
 
 def steps_per_epoch(config: TrainConfig, n_train: int) -> int:
@@ -185,7 +182,7 @@ def fit(
     y_epoch = np.empty_like(y_train)
     record = np.empty(n, dtype)  # per-row correctness evidence, see MLP.count_correct
     best_params = net.params.copy()
-    classification = data.task != "regression"
+    classification = data.task != Task.REGRESSION
     mode = metric_mode(config.monitor)
     l1, l2, clip = config.l1, config.l2, config.grad_clip
 
@@ -193,7 +190,7 @@ def fit(
     best_epoch: int | None = None
     best_value: float | None = None
     since_best = 0
-    stop_reason = "max_epochs"
+    stop_reason = StopReason.MAX_EPOCHS
     diverged_loss: float | None = None
     loss_bound: float | None = None
     step = 0
@@ -268,7 +265,7 @@ def fit(
                 row.update({k: nan for k in names})
                 row.update(lr=lr, seconds=time.perf_counter() - t0, train_seconds=train_seconds)
                 history.append(row)
-                stop_reason, diverged_loss = "diverged", bad_loss
+                stop_reason, diverged_loss = StopReason.DIVERGED, bad_loss
                 break
 
             val = mid if mid is not None else _val_metrics(net, X_val, data.y_val, classification)
@@ -291,7 +288,7 @@ def fit(
             history.append(row)
             if not math.isfinite(val["val_loss"]):
                 # The epoch's last update broke the weights: the next batch would diverge.
-                stop_reason, diverged_loss = "diverged", val["val_loss"]
+                stop_reason, diverged_loss = StopReason.DIVERGED, val["val_loss"]
                 break
 
             value = row[config.monitor]
@@ -301,16 +298,16 @@ def fit(
             else:
                 since_best += 1
             if mid is not None:
-                stop_reason = "pruned"
+                stop_reason = StopReason.PRUNED
                 break
             if marks and _report(on_examples, marks, seen, val):
-                stop_reason = "pruned"
+                stop_reason = StopReason.PRUNED
                 break
             if on_epoch is not None and on_epoch(epoch, dict(row)):
-                stop_reason = "pruned"
+                stop_reason = StopReason.PRUNED
                 break
             if config.patience is not None and since_best >= config.patience:
-                stop_reason = "early_stopped"
+                stop_reason = StopReason.EARLY_STOPPED
                 break
 
         if config.restore_best and best_epoch is not None:

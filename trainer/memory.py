@@ -29,12 +29,15 @@ from itertools import pairwise
 from trainer.datasets import SPLIT
 from trainer.fit import NOISE_BLOCK_VALUES
 from trainer.network import EVAL_CHUNK
+from trainer.vocab import Activation, Optimizer
 
 # Arrays of one value per parameter in the optimizer's state (moments, scratch buffers).
-OPTIMIZER_STATE_ARRAYS = {"sgd": 0, "momentum": 2, "nesterov": 2, "adam": 2, "adamw": 2,
-                          "rmsprop": 2, "adagrad": 2}
+OPTIMIZER_STATE_ARRAYS = {Optimizer.SGD: 0, Optimizer.MOMENTUM: 2, Optimizer.NESTEROV: 2,
+                          Optimizer.ADAM: 2, Optimizer.ADAMW: 2, Optimizer.RMSPROP: 2,
+                          Optimizer.ADAGRAD: 2}
 # Optimizers that now and then flush subnormal moments: |buf| and a boolean mask, per buffer.
-_FLUSHING = ("momentum", "nesterov", "adam", "adamw", "rmsprop")
+_FLUSHING = (Optimizer.MOMENTUM, Optimizer.NESTEROV, Optimizer.ADAM, Optimizer.ADAMW,
+             Optimizer.RMSPROP)
 _F64 = 8
 _I64 = 8
 
@@ -78,7 +81,7 @@ def _forward_bytes(n: int, hidden: Sequence[int], n_outputs: int, activation: st
                    itemsize: int) -> int:
     """A forward workspace of n rows: hidden outputs with their row of ones, pre-activations
     (ReLU computes in place, so only the output layer's), ReLU's zeros."""
-    relu = activation == "relu"
+    relu = activation == Activation.RELU
     values = sum(w + 1 for w in hidden) * n
     values += n_outputs * n if relu else (sum(hidden) + n_outputs) * n
     if relu and hidden:
@@ -91,7 +94,7 @@ def _train_workspace_bytes(n: int, hidden: Sequence[int], n_outputs: int, activa
     wmax = max([*hidden, n_outputs])
     values = sum(hidden) * n  # d loss / d hidden output
     values += 2 * wmax * n + n_outputs * n + 3 * n  # tf, tf2, e, row, row2, zy
-    if activation == "gelu":
+    if activation == Activation.GELU:
         values += wmax * n  # the derivative's one temporary
     extra = wmax * n + 2 * n * _I64  # boolean gate, column indices
     return (_forward_bytes(n, hidden, n_outputs, activation, itemsize) + values * itemsize
@@ -110,7 +113,7 @@ def estimate_trial_memory(
     hidden_layers: Sequence[int],
     batch_size: int,
     optimizer: str = "adam",
-    activation: str = "relu",
+    activation: str = Activation.RELU,
     dropout: bool = True,
     itemsize: int = 4,
     raw_itemsize: int = 8,
@@ -190,7 +193,7 @@ def estimate_trial_bytes(
     hidden_layers: Sequence[int],
     batch_size: int,
     optimizer: str = "adam",
-    activation: str = "relu",
+    activation: str = Activation.RELU,
     dropout: bool = True,
 ) -> int:
     """Peak bytes of one training run (see estimate_trial_memory)."""

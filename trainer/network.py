@@ -26,8 +26,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-TASKS = ("multiclass", "binary", "regression")
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+from trainer.vocab import Activation, Task
+
+TASKS = tuple(Task)
+ACTIVATIONS = tuple(Activation)
 LEAKY_SLOPE = 0.01  # leaky_relu's slope for negative inputs
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_A = 0.044715
@@ -38,7 +40,7 @@ Masks = Sequence[np.ndarray | None] | None
 
 def output_units(task: str, n_classes: int) -> int:
     """Width of the output layer: n_classes for multiclass, 1 for binary and regression."""
-    return n_classes if task == "multiclass" else 1
+    return n_classes if task == Task.MULTICLASS else 1
 
 
 class _Workspace:
@@ -54,14 +56,14 @@ class _Workspace:
             h[-1] = 1.0
         self.a = [h[:-1] for h in self.h]
         # Pre-activations; ReLU is computed in place, so there z is a.
-        if net.activation == "relu":
+        if net.activation == Activation.RELU:
             self.z = [*self.a, np.empty((widths[-1], n), dt)]
         else:
             self.z = [np.empty((w, n), dt) for w in widths]
         self.xa: np.ndarray | None = None  # (n, n_inputs + 1) staging for raw inputs
         # ReLU is np.maximum(z, zeros): against an array of zeros numpy 2.4 runs it about 3x
         # faster than against the scalar 0 (benchmarks/trainer_profile.py).
-        if net.activation == "relu" and hidden:
+        if net.activation == Activation.RELU and hidden:
             self.zeros = np.zeros((max(hidden), n), dt)
         if not train:
             return
@@ -86,15 +88,15 @@ class MLP:
         n_inputs: int,
         hidden_layers: Sequence[int],
         n_outputs: int,
-        task: str = "multiclass",
-        activation: str = "relu",
+        task: str = Task.MULTICLASS,
+        activation: str = Activation.RELU,
         init: str = "auto",
         dtype: str | np.dtype = "float32",
         rng: np.random.Generator | int | None = 0,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-        if task != "multiclass" and n_outputs != 1:
+        if task != Task.MULTICLASS and n_outputs != 1:
             raise ValueError(f"a {task} network has 1 output unit, got n_outputs={n_outputs}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}")
@@ -164,7 +166,8 @@ class MLP:
     def initialize(self, init: str = "auto", rng: np.random.Generator | int | None = 0) -> None:
         """Draw weights (He or Xavier normal) and zero the biases."""
         if init == "auto":
-            init = "he" if self.activation in ("relu", "leaky_relu", "gelu") else "xavier"
+            he = (Activation.RELU, Activation.LEAKY_RELU, Activation.GELU)
+            init = "he" if self.activation in he else "xavier"
         if init not in ("he", "xavier"):
             raise ValueError(f"init must be auto, he or xavier; got {init!r}")
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -195,7 +198,7 @@ class MLP:
         masks_t are (width, n) per hidden layer, or None.
         """
         h = XTa
-        relu = self.activation == "relu"
+        relu = self.activation == Activation.RELU
         layers_t = self._layers_t
         for i in range(len(layers_t) - 1):
             z = ws.z[i]
@@ -215,12 +218,12 @@ class MLP:
     def _activate(self, z: np.ndarray, a: np.ndarray) -> None:
         """a = activation(z) for the activations other than relu (done in place in _forward)."""
         act = self.activation
-        if act == "leaky_relu":
+        if act == Activation.LEAKY_RELU:
             np.multiply(z, LEAKY_SLOPE, out=a)
             np.maximum(z, a, out=a)
-        elif act == "tanh":
+        elif act == Activation.TANH:
             np.tanh(z, out=a)
-        elif act == "sigmoid":
+        elif act == Activation.SIGMOID:
             _sigmoid(z, a)
         else:  # gelu, tanh approximation: 0.5 z (1 + tanh(c (z + a z^3)))
             np.multiply(z, z, out=a)
@@ -266,9 +269,9 @@ class MLP:
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class ids (classification) or predicted values (regression) for rows X."""
         out = self.forward(X)
-        if self.task == "multiclass":
+        if self.task == Task.MULTICLASS:
             return out.argmax(axis=1)
-        if self.task == "binary":
+        if self.task == Task.BINARY:
             return (out[:, 0] > 0).astype(np.int64)
         return out[:, 0]
 
@@ -281,7 +284,7 @@ class MLP:
 
     def prepare_targets(self, y: np.ndarray) -> np.ndarray:
         """Targets as the loss wants them: 1-D int64 ids (multiclass) or 1-D floats."""
-        dtype = np.int64 if self.task == "multiclass" else self.dtype
+        dtype = np.int64 if self.task == Task.MULTICLASS else self.dtype
         return np.ascontiguousarray(y, dtype=dtype).reshape(-1)
 
     def penalty(self, l1: float = 0.0, l2: float = 0.0) -> float:
@@ -335,7 +338,7 @@ class MLP:
         ws = self._workspaces.get((n, True)) or self._workspace(n, True)
         z = self._forward(XTa, ws, masks_t)
         loss, delta = self._head(z, y, ws, n, record)
-        if self.activation == "relu" and (masks_t is None or mask_scale is not None):
+        if self.activation == Activation.RELU and (masks_t is None or mask_scale is not None):
             self._backward_relu(XTa, ws, masks_t, delta, mask_scale)
         else:
             self._backward(XTa, ws, masks_t, delta)
@@ -345,7 +348,7 @@ class MLP:
 
     def count_correct(self, record: np.ndarray, y: np.ndarray) -> int:
         """Correctly classified rows, from `record`s filled by step_grad and their targets."""
-        if self.task == "multiclass":
+        if self.task == Task.MULTICLASS:
             # Logits were shifted by their column max, so the true class is (one of) the
             # argmax exactly when its shifted logit is 0.
             return int(np.count_nonzero(record == 0))
@@ -354,7 +357,7 @@ class MLP:
     def _head(self, z: np.ndarray, y: np.ndarray, ws: _Workspace, n: int, record=None):
         """Return (mean loss, d loss / d z) for output values z (k, n); z may be clobbered."""
         e = ws.e
-        if self.task == "multiclass":
+        if self.task == Task.MULTICLASS:
             # ufunc methods rather than np.max/np.sum/np.take: at batch 16 the wrappers'
             # microseconds are a visible share of a step.
             row = ws.row
@@ -375,7 +378,7 @@ class MLP:
             return loss, e
         if record is not None:
             record[...] = z[0]
-        if self.task == "binary":
+        if self.task == Task.BINARY:
             # softplus(z) - y*z, with softplus(z) = max(z, 0) + log1p(exp(-|z|))
             t1, t2 = ws.tf[0], ws.tf2[0]
             np.abs(z[0], out=t1)
@@ -452,7 +455,7 @@ class MLP:
         """d *= activation'(z), in place; a is the layer's output after dropout."""
         w = z.shape[0]
         act = self.activation
-        if act == "relu":
+        if act == Activation.RELU:
             # z was overwritten by a = relu(z) * mask. Where the mask kept a unit, a > 0
             # iff z > 0; dropped units already have d == 0 from the mask.
             tb = ws.tb[:w]
@@ -460,16 +463,16 @@ class MLP:
             np.multiply(d, tb, out=d)
             return
         t = ws.tf[:w]
-        if act == "leaky_relu":
+        if act == Activation.LEAKY_RELU:
             tb = ws.tb[:w]
             np.greater(z, 0, out=tb)
             np.multiply(tb, 1.0 - LEAKY_SLOPE, out=t)
             t += LEAKY_SLOPE
-        elif act == "tanh":
+        elif act == Activation.TANH:
             np.tanh(z, out=t)
             np.multiply(t, t, out=t)
             np.subtract(1.0, t, out=t)
-        elif act == "sigmoid":
+        elif act == Activation.SIGMOID:
             _sigmoid(z, t)
             t2 = ws.tf2[:w]
             np.subtract(1.0, t, out=t2)
@@ -521,12 +524,12 @@ class MLP:
             out = self._forward(xta, ws, None).T
             ys = y[s : s + len(out)]
             loss_sum += _loss_sum(self.task, out, ys)
-            if self.task == "multiclass":
+            if self.task == Task.MULTICLASS:
                 correct += int(np.count_nonzero(out.argmax(axis=1) == ys))
-            elif self.task == "binary":
+            elif self.task == Task.BINARY:
                 correct += int(np.count_nonzero((out[:, 0] > 0) == (ys.reshape(-1) > 0.5)))
         loss = loss_sum / n
-        if self.task != "regression":
+        if self.task != Task.REGRESSION:
             return {"loss": loss, "accuracy": correct / n}
         yv = y.reshape(-1).astype(np.float64)
         sst = float(np.square(yv - yv.mean()).sum())
@@ -560,13 +563,13 @@ def _sigmoid(z: np.ndarray, out: np.ndarray) -> np.ndarray:
 def _loss_sum(task: str, out: np.ndarray, y: np.ndarray) -> float:
     """Summed (not mean) loss of outputs `out` (rows, k) against y; allocates, for evaluation."""
     out64 = out.astype(np.float64)
-    if task == "multiclass":
+    if task == Task.MULTICLASS:
         y = y.reshape(-1).astype(np.int64)
         shifted = out64 - out64.max(axis=1, keepdims=True)
         lse = np.log(np.exp(shifted).sum(axis=1))
         return float((lse - shifted[np.arange(len(y)), y]).sum())
     z = out64[:, 0]
     yv = y.reshape(-1).astype(np.float64)
-    if task == "binary":
+    if task == Task.BINARY:
         return float((np.maximum(z, 0) - z * yv + np.log1p(np.exp(-np.abs(z)))).sum())
     return float(np.square(z - yv).sum())

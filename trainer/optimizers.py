@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from trainer import vocab
+
 Decay = Sequence[bool | slice | Sequence[slice]] | None
 SUBNORMAL_MARGIN = 1e8
 
@@ -227,17 +229,17 @@ class Adagrad(Optimizer):
 def make_optimizer(config, decay: Decay = None) -> Optimizer:
     """Build the optimizer named by a TrainConfig, with its hyperparameters."""
     name, lr, wd = config.optimizer, config.learning_rate, config.weight_decay
-    if name == "sgd":
+    if name == vocab.Optimizer.SGD:
         return SGD(lr, weight_decay=wd, decay=decay)
-    if name == "momentum":
+    if name == vocab.Optimizer.MOMENTUM:
         return Momentum(lr, config.momentum, weight_decay=wd, decay=decay)
-    if name == "nesterov":
+    if name == vocab.Optimizer.NESTEROV:
         return Nesterov(lr, config.momentum, weight_decay=wd, decay=decay)
-    if name in ("adam", "adamw"):
-        cls = AdamW if name == "adamw" else Adam
+    if name in (vocab.Optimizer.ADAM, vocab.Optimizer.ADAMW):
+        cls = AdamW if name == vocab.Optimizer.ADAMW else Adam
         return cls(lr, config.beta1, config.beta2, config.eps, weight_decay=wd, decay=decay)
-    if name == "rmsprop":
+    if name == vocab.Optimizer.RMSPROP:
         return RMSprop(lr, config.rho, config.eps, weight_decay=wd, decay=decay)
-    if name == "adagrad":
+    if name == vocab.Optimizer.ADAGRAD:
         return Adagrad(lr, config.eps, weight_decay=wd, decay=decay)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from trainer.config import TrainConfig
+from trainer.vocab import Schedule
 
 
 def constant(step: int, base_lr: float) -> float:
@@ -95,20 +96,20 @@ def lr_at(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
 def _scheduled(step: int, config: TrainConfig, steps_per_epoch: int, total: int) -> float:
     base = config.learning_rate
     name = config.schedule
-    if name == "constant":
+    if name == Schedule.CONSTANT:
         return constant(step, base)
-    if name == "step":
+    if name == Schedule.STEP:
         gamma = 0.1 if config.gamma is None else config.gamma
         return step_decay(step, base, config.step_size_epochs * steps_per_epoch, gamma)
-    if name == "exponential":
+    if name == Schedule.EXPONENTIAL:
         gamma = 0.95 if config.gamma is None else config.gamma
         return exponential(step, base, gamma, steps_per_epoch)
-    if name == "cosine":
+    if name == Schedule.COSINE:
         return cosine(step, base, total, config.min_lr_ratio * base)
-    if name == "cosine_restarts":
+    if name == Schedule.COSINE_RESTARTS:
         t0 = config.t0_epochs * steps_per_epoch
         return cosine_restarts(step, base, t0, config.t_mult, config.min_lr_ratio * base)
-    if name == "onecycle":
+    if name == Schedule.ONECYCLE:
         return onecycle(
             step, base, total, config.pct_start, config.div_factor, config.final_div_factor
         )

@@ -57,7 +57,7 @@ def _curve(i, epochs, ceiling):
 
 
 def _add(study, i, reason, epochs, ceiling=0.9, params=None, extra=None):
-    """One finished trial carrying the user attributes search.study.run_trial records."""
+    """One finished trial carrying the user attributes search.runner.run_trial records."""
     params = params if params is not None else _params(i)
     dists = {k: DISTS[k] for k in params}
     iv = _curve(i, epochs, ceiling) if reason != "diverged" else {
@@ -224,7 +224,7 @@ def test_lr_vs_batch_uses_fixed_values_when_the_job_fixed_one(storage):
         p = _params(i)
         params = {"learning_rate": p["learning_rate"], "dropout": p["dropout"]}
         reason, epochs = ["max_epochs", "pruned"][i % 2], [MAX_EPOCHS, 3][i % 2]
-        # What search.study.run_trial records for a dimension the job fixed.
+        # What search.runner.run_trial records for a dimension the job fixed.
         _add(with_fixed, i, reason, epochs, params=params, extra={"fixed_batch_size": 64})
         _add(without, i, reason, epochs, params=params)
     assert has_yellow(render_png(with_fixed, "lr_vs_batch"))

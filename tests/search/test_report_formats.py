@@ -63,7 +63,7 @@ def _params(i, fixed=()):
 
 
 def _build(storage, fixed: dict | None = None) -> optuna.Study:
-    """A study holding every kind of outcome, as search.study.run_trial records them."""
+    """A study holding every kind of outcome, as search.runner.run_trial records them."""
     fixed = fixed or {}
     study = optuna.create_study(storage=storage, study_name="job-3", direction="maximize")
     study.set_user_attr("spec", _spec().model_dump(mode="json"))

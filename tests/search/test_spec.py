@@ -1,8 +1,12 @@
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from search import JobSpec
+from search import JobSpec, metric_direction
+from search.spec import METRICS, OPTIMIZERS
 from search.study import distributions, fixed_params, train_config
+from trainer import Metric, Optimizer
 
 
 def _fields(exc: ValidationError) -> set[str]:
@@ -50,3 +54,18 @@ def test_fixed_dimensions_are_not_searched_but_reach_the_trainer():
     cfg = train_config(spec, {"learning_rate": 0.01, "weight_decay": 1e-4})
     assert cfg.batch_size == 32 and cfg.dropout == 0.1 and cfg.learning_rate == 0.01
     assert cfg.monitor == "val_accuracy" and cfg.patience == spec.early_stopping.patience
+
+
+def test_names_are_the_trainers_and_stay_plain_strings_in_json():
+    raw = {"metric": "val_r2", "dataset": "regression",
+           "model": {"activation": "tanh", "optimizer": "sgd", "schedule": "cosine"}}
+    spec = JobSpec.model_validate(raw)
+    assert spec.metric is Metric.VAL_R2 and spec.direction == "maximize"
+    assert spec.model.optimizer is Optimizer.SGD
+    dumped = spec.model_dump(mode="json")
+    assert type(dumped["metric"]) is str and type(dumped["model"]["activation"]) is str
+    assert JobSpec.model_validate_json(json.dumps(dumped)) == spec
+    assert tuple(Optimizer) == OPTIMIZERS and tuple(Metric) == METRICS
+    assert metric_direction("val_loss") == "minimize"
+    with pytest.raises(ValidationError):
+        JobSpec.model_validate({"model": {"activation": "swish"}})

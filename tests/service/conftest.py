@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from service.spawn import free_port, spawn_service, wait_healthy
+from tests.conftest import ROOT
 from tests.postgres import PostgresServer, unavailable_reason
 
 # Settings every test cluster runs with: fast crash detection and polling.
@@ -177,8 +177,7 @@ class Cluster:
         self._n += 1
         log_path = self.tmp / f"{kind}-{self._n}.log"
         with open(log_path, "w") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "service", *args], env=self.env,
-                                    cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+            proc = spawn_service(args, self.env, fh, cwd=ROOT)
         return Proc(proc, log_path)
 
     def start_api(self, wait: bool = True) -> Proc:
@@ -188,16 +187,12 @@ class Cluster:
         return self.api
 
     def wait_api(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.api is None or not self.api.alive():
-                raise RuntimeError(f"the API exited:\n{self.api.log() if self.api else ''}")
-            try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if self.api is None:
+            raise RuntimeError("the API exited:\n")
+        if wait_healthy(self.base_url, self.api.proc, timeout_s):
+            return
+        if not self.api.alive():
+            raise RuntimeError(f"the API exited:\n{self.api.log()}")
         raise RuntimeError(f"the API did not answer:\n{self.api.log()}")
 
     def start_workers(self, n: int) -> list[Proc]:

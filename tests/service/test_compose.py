@@ -83,8 +83,8 @@ def test_every_health_check_command_exists(tmp_path):
     from service.api import create_app
     from service.settings import Settings
 
-    api_routes = {r.path for r in create_app(
-        Settings(database_url=f"sqlite:///{tmp_path / 'routes.db'}")).routes}
+    api_routes = set(create_app(
+        Settings(database_url=f"sqlite:///{tmp_path / 'routes.db'}")).openapi()["paths"])
     for name, service in _compose()["services"].items():
         argv = _health_argv(service)
         if argv[0] == "hptune":

@@ -24,7 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from tests.conftest import ROOT, create_key, free_port, start_server, stop_server
+from service.spawn import free_port
+from tests.conftest import ROOT, create_key, start_server, stop_server
 
 JOB = {"name": "dash", "dataset": "digits", "n_trials": 3, "max_epochs": 2,
        "model": {"hidden_layers": [8]}}

@@ -12,21 +12,16 @@ import zipfile
 import numpy as np
 import pytest
 
-from service import datasets
-from service.datasets import (
-    MAX_CSV_FEATURES,
-    create_dataset,
-    csv_memory_estimate,
-    memory_estimate,
-    npz_memory_estimate,
-    parse_csv,
-    parse_npz,
-)
+from service import uploads
+from service.datasets import create_dataset
 from service.db import Database
 from service.errors import InvalidSpec, TooLarge
 from service.migrate import upgrade
 from service.models import UploadedDataset
 from service.settings import Settings
+from service.uploads import memory_estimate
+from service.uploads_csv import MAX_CSV_FEATURES, csv_memory_estimate, parse_csv
+from service.uploads_npz import npz_memory_estimate, parse_npz
 from trainer import from_arrays
 
 
@@ -304,7 +299,7 @@ def test_split_check_agrees_with_the_trainer(counts):
     except ValueError as exc:
         trainer_error = str(exc)
     try:
-        datasets.validate_arrays(X, y, task)
+        uploads.validate_arrays(X, y, task)
         ours = None
     except InvalidSpec as exc:
         ours = exc.message
@@ -323,7 +318,7 @@ def test_regression_split_check_agrees_with_the_trainer(n):
     except ValueError as exc:
         trainer_error = str(exc)
     try:
-        datasets.validate_arrays(X, y, "regression")
+        uploads.validate_arrays(X, y, "regression")
         ours = None
     except InvalidSpec as exc:
         ours = exc.message

@@ -29,6 +29,7 @@ from service.db import Database
 from service.errors import InvalidSpec
 from service.models import IdempotencyKey
 from service.settings import Settings
+from service.spawn import free_port
 from tests.conftest import Server, hptune, start_server, stop_server
 from tests.service.conftest import TINY_JOB
 
@@ -496,9 +497,7 @@ def test_client_upload_retries_a_lost_answer_with_the_same_key(srv, tmp_path):
 
 def test_client_gives_up_after_its_attempts(tmp_path):
     """Nothing listens: every attempt fails to connect, and the last error is raised."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     notes: list[str] = []
     client = Client(f"http://127.0.0.1:{port}", "hpt_x")
     with pytest.raises(httpx.ConnectError):

@@ -17,8 +17,8 @@ from service.keys import create_key
 from service.migrate import upgrade
 from service.models import Job
 from service.settings import Settings
+from service.spawn import free_port
 from service.worker import Worker
-from tests.conftest import free_port
 
 SMALL = {"n_trials": 2, "max_epochs": 2, "model": {"hidden_layers": [8]}}
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search import JobSpec
+from search import ATTR_STOP_CAUSE, JobSpec, StopCause
 from service import jobs, reaper, scheduler
 from service.db import ResilientRDBStorage
 from service.migrate import upgrade
@@ -119,7 +119,7 @@ def test_hand_backs_do_not_use_up_the_retry_limit(db):
     job_id, study = _job(db, n_trials=1)
     trial = _claim_and_ask(db, job_id, study.study_name)
     for _ in range(db.settings.max_trial_retries + 2):
-        trial.set_user_attr(scheduler.STOP_CAUSE, scheduler.HANDED_BACK)
+        trial.set_user_attr(ATTR_STOP_CAUSE, StopCause.HANDED_BACK)
         study.tell(trial, state=TrialState.FAIL)
         assert scheduler.retry_failed_trial(db, study, study._storage.get_trial(trial._trial_id))
         trial = _claim_and_ask(db, job_id, study.study_name)

@@ -1,0 +1,247 @@
+"""The trial runner: ask the study for one trial, train it epoch by epoch, tell its outcome.
+
+`run_trial` reads top to bottom: ask and set up, train with an `_EpochReporter` as the
+trainer's callbacks (pruner reports and the caller's stop check), then decide the outcome
+and its reason (`_decide`) and tell the study (`_tell`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search.optuna_internals import frozen_trial
+from search.spec import JobSpec
+from search.study import (
+    ATTR_BEST_EPOCH,
+    ATTR_STOP_REASON,
+    ATTR_STOPPED_EPOCH,
+    TrialOutcome,
+    build_pruner,
+    distributions,
+    explain_prune,
+    fixed_params,
+    suggest_conditional,
+    train_config,
+)
+from trainer import Dataset, StopReason, TrainResult, fit
+
+
+def run_trial(
+    study: optuna.Study,
+    spec: JobSpec,
+    data: Dataset,
+    *,
+    should_stop: Callable[[], object] = lambda: False,
+    on_started: Callable[[optuna.Trial], None] = lambda trial: None,
+) -> TrialOutcome:
+    """Ask the study for one trial, train it epoch by epoch and tell the outcome with its reason.
+
+    `should_stop` is polled once per epoch; when it answers true the trial ends as FAIL with
+    reason `cancelled`. Exceptions from training propagate after the trial is told FAIL.
+    """
+    trial = study.ask(fixed_distributions=distributions(spec))
+    on_started(trial)
+    suggest_conditional(trial, spec)
+    config = train_config(spec, trial.params)
+    for key, value in fixed_params(spec).items():
+        trial.set_user_attr(f"fixed_{key}", value)
+    n_train = len(data.X_train)
+    by_examples = spec.pruner.resource == "examples"
+    if by_examples:
+        # Hyperband's largest rung depends on the dataset's size.
+        study.pruner = build_pruner(spec, n_train=n_train)
+        config = replace(config,
+                         eval_every_examples=spec.pruner.report_every or n_train)
+    reporter = _EpochReporter(trial, spec.metric, should_stop,
+                              audit=_audit_draw(spec, trial.number),
+                              by_examples=by_examples, every=config.eval_every_examples or 0)
+    started = time.perf_counter()
+    try:
+        result = fit(config, data, on_epoch=reporter.on_epoch,
+                     on_examples=reporter.on_examples if by_examples else None)
+    except BaseException as exc:
+        trial.set_user_attr(ATTR_STOP_REASON, StopReason.FAILED)
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    attrs = _result_attrs(result, time.perf_counter() - started, n_train)
+    reason, state = _decide(study, trial, spec, result, reporter, attrs, n_train)
+    attrs[ATTR_STOP_REASON] = reason
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    return _tell(study, trial, state, reason, _finite_or_none(result.best_value))
+
+
+@dataclass(eq=False)
+class _EpochReporter:
+    """The trainer's callbacks for one trial: report to the pruner, poll the stop check.
+
+    Audited trials keep training after the pruner's verdict, silently: the study sees exactly
+    what it would have seen without the audit.
+    """
+
+    trial: optuna.Trial
+    metric: str
+    should_stop: Callable[[], object]
+    audit: bool
+    # Steps in examples (spec.pruner.resource "examples"): report every `every` examples.
+    by_examples: bool
+    every: int = 0
+    # The step the pruner stopped the trial at; set once.
+    pruned_at: int | None = None
+    # Whether the caller's stop check ended the trial.
+    cancelled: bool = False
+
+    def report(self, step: int, metrics: dict[str, float]) -> bool:
+        """Report the metric at `step` (in the pruner's resource); True stops the trial."""
+        value = float(metrics[self.metric])
+        # Diverged epochs are the trainer's to stop; audited trials report nothing past the
+        # pruner's verdict.
+        reportable = math.isfinite(value) and self.pruned_at is None
+        if reportable:
+            self.trial.report(value, step)
+        if self._stop_requested():
+            return True
+        if reportable and self.trial.should_prune():
+            self.pruned_at = step
+            return not self.audit
+        return False
+
+    def on_examples(self, mark: int, metrics: dict[str, float]) -> bool:
+        # A batch that passes several multiples of report_every reports once, at the last of
+        # them: never more than one database write and pruning check per mini-batch.
+        every = self.every
+        if mark != int(metrics["examples"]) // every * every:
+            return False
+        return self.report(mark, metrics)
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if not self.by_examples:
+            return self.report(epoch, metrics)
+        return self._stop_requested()
+
+    def _stop_requested(self) -> bool:
+        if self.should_stop():
+            self.cancelled = True
+            return True
+        return False
+
+
+def _result_attrs(result: TrainResult, elapsed: float, n_train: int) -> dict[str, Any]:
+    """The user attributes every trained trial records, whatever its outcome."""
+    attrs: dict[str, Any] = {
+        ATTR_STOPPED_EPOCH: result.stopped_epoch,
+        ATTR_BEST_EPOCH: result.best_epoch,
+        "train_seconds": round(elapsed, 4),
+        "epoch_seconds": round(elapsed / max(result.stopped_epoch, 1), 5),
+        "best_value": _finite_or_none(result.best_value),
+        "curves": _curves(result.history),
+        "examples_seen": result.examples_seen,
+        "epochs_trained": round(result.examples_seen / n_train, 4),
+    }
+    for key, value in result.test_metrics.items():
+        attrs[f"test_{key}"] = _finite_or_none(value)
+    return attrs
+
+
+def _decide(study: optuna.Study, trial: optuna.Trial, spec: JobSpec, result: TrainResult,
+            reporter: _EpochReporter, attrs: dict[str, Any], n_train: int
+            ) -> tuple[StopReason, TrialState]:
+    """The trial's stop reason and state; adds the reason's details to `attrs`."""
+    if reporter.cancelled:
+        return StopReason.CANCELLED, TrialState.FAIL
+    if reporter.pruned_at is not None:
+        frozen = frozen_trial(study, trial)
+        attrs.update(explain_prune(study, frozen, reporter.pruned_at))
+        if reporter.audit:
+            _move_to_audit(attrs, frozen, spec, result, reporter.pruned_at, n_train)
+        return StopReason.PRUNED, TrialState.PRUNED
+    if result.stop_reason == "diverged":
+        attrs["diverged_epoch"] = result.stopped_epoch
+        attrs["diverged_loss"] = str(result.diverged_loss)
+        return StopReason.DIVERGED, TrialState.PRUNED
+    if result.stop_reason == "early_stopped":
+        attrs["patience"] = spec.early_stopping.patience
+        attrs["min_delta"] = spec.early_stopping.min_delta
+        return StopReason.EARLY_STOPPED, TrialState.COMPLETE
+    return StopReason.MAX_EPOCHS, TrialState.COMPLETE
+
+
+def _move_to_audit(attrs: dict[str, Any], frozen: FrozenTrial, spec: JobSpec,
+                   result: TrainResult, pruned_at: int, n_train: int) -> None:
+    """An audited trial records what the pruner saw; what it trained past that is `audit_*`."""
+    by_examples = spec.pruner.resource == "examples"
+    attrs.update({
+        "audited": True,
+        "audit_best_value": attrs.pop("best_value"),
+        "audit_best_epoch": attrs[ATTR_BEST_EPOCH],
+        "audit_trained_epochs": result.stopped_epoch,
+        "audit_stop_reason": result.stop_reason,
+        ATTR_STOPPED_EPOCH: _epoch_of(pruned_at, by_examples, n_train),
+        ATTR_BEST_EPOCH: _epoch_of(_best_epoch(frozen, spec.direction), by_examples, n_train),
+        "epochs_trained": round(_epoch_of(pruned_at, by_examples, n_train, exact=True), 4),
+    })
+    for key in [k for k in attrs if k.startswith("test_")]:
+        attrs[f"audit_{key}"] = attrs.pop(key)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, reason: StopReason,
+          value: float | None) -> TrialOutcome:
+    """Tell the study; a COMPLETE trial without a finite value is told PRUNED."""
+    if state == TrialState.COMPLETE and value is not None:
+        study.tell(trial, value)
+    elif state == TrialState.COMPLETE:
+        state = TrialState.PRUNED
+        study.tell(trial, state=state)
+    else:
+        study.tell(trial, state=state)
+    return TrialOutcome(trial.number, state, reason, value)
+
+
+def _audit_draw(spec: JobSpec, number: int) -> bool:
+    """Whether trial `number` is audited: a fixed draw per (seed, trial), at audit_fraction."""
+    if spec.audit_fraction <= 0:
+        return False
+    return random.Random(f"{spec.seed}:{number}").random() < spec.audit_fraction
+
+
+def _epoch_of(step: int | None, by_examples: bool, n_train: int, exact: bool = False
+              ) -> float | None:
+    """The epoch a pruner step falls in (the step itself when steps are epochs)."""
+    if step is None or not by_examples:
+        return step
+    return step / n_train if exact else math.ceil(step / n_train)
+
+
+def _best_epoch(trial: FrozenTrial, direction: str) -> int | None:
+    values = trial.intermediate_values
+    if not values:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(values, key=lambda step: values[step])
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _curves(history: list[dict[str, float]]) -> dict[str, list[float | None]]:
+    """Per-epoch metrics as compact columns for learning-curve plots."""
+    keys = [k for k in (history[0] if history else {}) if k not in ("epoch",)]
+    return {k: [_round(h.get(k)) for h in history] for k in keys}
+
+
+def _round(v: float | None) -> float | None:
+    v = _finite_or_none(v)
+    return None if v is None else round(v, 6)

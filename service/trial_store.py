@@ -1,0 +1,356 @@
+"""The trial store: the one module of service/ that touches Optuna's storage.
+
+It owns the resilient storage (ResilientRDBStorage: Optuna's RDBStorage riding out outages
+under retry.OutageBudget), every SQL statement over Optuna's tables (named, below), and every
+use of Optuna's private names in service/: those shared with search/ live in
+search/optuna_internals.py (search/ may not import service/) and are re-exported here. So
+private Optuna names appear in one module per package, and tests/service/test_trial_store.py
+pins all that this module relies on, so an Optuna upgrade that breaks it fails loudly.
+
+The SQL reads Optuna's tables (studies, trials, trial_values, trial_heartbeats,
+trial_system_attributes), whose shape has held since Optuna 2; it never writes them, except
+ResilientRDBStorage's buffered user attributes through Optuna's own ORM models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import optuna
+from optuna.storages._rdb import models
+from optuna.study._frozen import FrozenStudy
+from sqlalchemy import bindparam, delete, select, text
+
+from search.optuna_internals import frozen_trial, storage_of, study_id, trial_id
+from service.retry import OutageBudget, is_transient
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from service.db import Database
+
+__all__ = [
+    "SLOT_STATES",
+    "FrozenStudy",
+    "ResilientRDBStorage",
+    "frozen_trial",
+    "owner_has_study",
+    "owner_study_ids",
+    "retried_trial_numbers",
+    "running_trials_without_heartbeat",
+    "slots_and_running",
+    "slots_in_use",
+    "storage_of",
+    "studies_with_unfinished_trials",
+    "study_id",
+    "trial_id",
+    "trial_state_counts",
+    "trial_study_id",
+    "trial_summary_rows",
+]
+
+T = TypeVar("T")
+
+# Trial states that hold one of a job's n_trials slots: a job never has more of these than
+# n_trials. WAITING (a queued retry) and FAIL do not; a claim pops a WAITING trial first.
+SLOT_STATES = ("RUNNING", "COMPLETE", "PRUNED")
+_SLOT_STATES_SQL = "(" + ", ".join(f"'{s}'" for s in SLOT_STATES) + ")"
+
+
+class Lock(Protocol):
+    def acquire(self) -> None: ...
+    def release(self) -> None: ...
+
+
+# Optuna storage methods that are safe to call again after an error whose outcome is unknown:
+# reads, and writes that upsert (Optuna ignores the duplicate key of a repeated insert).
+_RETRIED_METHODS = (
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
+    "set_study_user_attr", "set_study_system_attr",
+    "get_trial", "get_all_trials", "_get_trials", "_get_best_trial_id", "get_best_trial",
+    "get_trial_id_from_study_id_trial_number", "get_trial_param", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_n_trials",
+    "set_trial_param", "_set_trial_param", "set_trial_intermediate_value",
+    "set_trial_system_attr", "_get_stale_trial_ids",
+)
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose calls ride out database outages of up to `retry_seconds`.
+
+    Transient errors (lost connections, locks) are retried with capped exponential backoff
+    until `retry_seconds` have passed since the outage began; after that calls fail at once
+    (DatabaseUnavailable) until one succeeds again. State changes are retried too: if an
+    attempt whose outcome is unknown did commit, the retry finds the trial already in the
+    asked-for state and reports success. Trial creation is not retried here (a repeated insert
+    would make a second trial); heartbeats are not retried (the next beat is the retry). On
+    SQLite, state changes also hold a file lock, because SQLite has no SELECT ... FOR UPDATE
+    and Optuna's check-then-set would otherwise let a worker's tell and the reaper's fail both
+    win.
+    """
+
+    def __init__(self, url: str, *, retry_seconds: float,
+                 on_outage: Callable[[], None] = lambda: None,
+                 state_lock: Lock | None = None, **kwargs: Any) -> None:
+        self._budget = OutageBudget(retry_seconds, on_outage)
+        self._retrying = self._budget.policy()
+        self._state_lock = state_lock
+        # Trial user attributes not yet written: {trial_id: {key: value_json}}.
+        self._pending: dict[int, dict[str, str]] = {}
+        self._pending_lock = threading.Lock()
+        super().__init__(url, **kwargs)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        """Buffered: written with the next storage call, all of a trial's in one transaction.
+
+        A finished trial reports a dozen attributes one by one; one statement each (plus a
+        commit and a pool ping) made them the largest part of a short trial's database time.
+        Every other call of this storage writes the buffer first, so this process never reads
+        its own writes out of order; other processes see them at the trial's next report or
+        tell at the latest.
+        """
+        value_json = json.dumps(value)  # fails here, at the caller, if not JSON
+        with self._pending_lock:
+            self._pending.setdefault(trial_id, {})[key] = value_json
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        attr = models.TrialUserAttributeModel
+        session = self.scoped_session()
+        try:
+            for trial_id, values in pending.items():
+                state = session.execute(select(models.TrialModel.state)
+                                        .where(models.TrialModel.trial_id == trial_id)
+                                        ).scalar_one_or_none()
+                if state is None or state.is_finished():
+                    continue  # someone else finished it: its tell will say so
+                session.execute(delete(attr).where(attr.trial_id == trial_id,
+                                                   attr.key.in_(list(values))))
+                session.add_all([attr(trial_id=trial_id, key=k, value_json=v)
+                                 for k, v in values.items()])
+            session.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            with self._pending_lock:  # keep them for the retry, newer values winning
+                for trial_id, values in pending.items():
+                    self._pending[trial_id] = {**values, **self._pending.get(trial_id, {})}
+            raise
+        finally:
+            session.close()
+
+    def _create_new_trial(self, study_id: int, template_trial: Any = None) -> Any:
+        self._call(self._flush)
+        return super()._create_new_trial(study_id, template_trial)
+
+    def _call(self, fn: Callable[[], T],
+              after_unknown_outcome: Callable[[Exception], T | None] | None = None) -> T:
+        """`fn()` under the storage's retry policy (retry.OutageBudget): transient errors are
+        retried until the outage has lasted `retry_seconds`. After an attempt whose outcome is
+        unknown, a non-transient error goes to `after_unknown_outcome`, which may settle it."""
+        attempts = itertools.count()
+
+        def attempt() -> T:
+            first = next(attempts) == 0
+            try:
+                self._flush()
+                return fn()
+            except Exception as exc:
+                if not first and after_unknown_outcome is not None and not is_transient(exc):
+                    settled = after_unknown_outcome(exc)
+                    if settled is not None:
+                        return settled
+                raise
+
+        result = self._retrying(attempt)
+        self._budget.clear()
+        return result
+
+    def set_trial_state_values(self, trial_id: int, state: optuna.trial.TrialState,
+                               values: Any = None) -> bool:
+        base = super().set_trial_state_values
+
+        def attempt() -> bool:
+            if self._state_lock is None:
+                return base(trial_id, state=state, values=values)
+            self._state_lock.acquire()
+            try:
+                return base(trial_id, state=state, values=values)
+            finally:
+                self._state_lock.release()
+
+        def after_unknown_outcome(exc: Exception) -> bool | None:
+            # An earlier attempt may have committed: then the trial is already where we wanted.
+            if isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) and (
+                optuna.storages.RDBStorage.get_trial(self, trial_id).state == state
+            ):
+                return True
+            return None
+
+        return self._call(attempt, after_unknown_outcome)
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    base = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(base)
+    def method(self: ResilientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(lambda: base(self, *args, **kwargs))
+
+    return method
+
+
+for _name in _RETRIED_METHODS:
+    setattr(ResilientRDBStorage, _name, _retried(_name))
+
+
+
+# --- named SQL over Optuna's tables (reads only; callers retry them through DB_RETRY) ------
+
+_TRIAL_STATE_COUNTS = text(
+    "SELECT CAST(t.state AS VARCHAR(16)) AS state, COUNT(*) AS n FROM trials t "
+    "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :name "
+    "GROUP BY t.state")
+_SLOTS_IN_USE = text(
+    "SELECT s.study_name AS name, COUNT(t.trial_id) AS n FROM studies s "
+    "LEFT JOIN trials t ON t.study_id = s.study_id AND "
+    f"CAST(t.state AS VARCHAR(16)) IN {_SLOT_STATES_SQL} "
+    "WHERE s.study_name IN :names GROUP BY s.study_name"
+).bindparams(bindparam("names", expanding=True))
+_SLOTS_AND_RUNNING = text(
+    "SELECT s.study_name AS name, "
+    f"SUM(CASE WHEN CAST(t.state AS VARCHAR(16)) IN {_SLOT_STATES_SQL} "
+    "THEN 1 ELSE 0 END) AS slots, "
+    "SUM(CASE WHEN CAST(t.state AS VARCHAR(16)) = 'RUNNING' THEN 1 ELSE 0 END) "
+    "AS running FROM studies s LEFT JOIN trials t ON t.study_id = s.study_id "
+    "WHERE s.study_name IN :names GROUP BY s.study_name"
+).bindparams(bindparam("names", expanding=True))
+_STUDIES_WITH_UNFINISHED_TRIALS = text(
+    "SELECT DISTINCT s.study_name FROM trials t JOIN studies s "
+    "ON s.study_id = t.study_id "
+    "WHERE CAST(t.state AS VARCHAR(16)) IN ('RUNNING', 'WAITING')")
+_RUNNING_WITHOUT_HEARTBEAT = text(
+    "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id "
+    "LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+    "WHERE s.study_name = :name AND CAST(t.state AS VARCHAR(16)) = 'RUNNING' "
+    "AND h.trial_id IS NULL")
+_RETRY_HISTORIES = text(
+    "SELECT a.value_json FROM trial_system_attributes a "
+    "JOIN trials t ON t.trial_id = a.trial_id "
+    "JOIN studies s ON s.study_id = t.study_id "
+    "WHERE s.study_name = :name AND a.key = 'retry_history'")
+# Counts and best values of many studies in one aggregate query: loading every trial of every
+# listed job would cost a query per trial attribute.
+_TRIAL_SUMMARY = text("""
+    SELECT s.study_name AS study, t.state AS state, count(*) AS n,
+           max(v.value) AS best_max, min(v.value) AS best_min
+    FROM studies s
+    JOIN trials t ON t.study_id = s.study_id
+    LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0
+    WHERE s.study_name IN :names
+    GROUP BY s.study_name, t.state
+""").bindparams(bindparam("names", expanding=True))
+# Who owns a study is the service's word, not the study's: hptune_jobs.owner of the job whose
+# study it is (the study's "owner" user attribute says the same, but lives in Optuna's tables).
+# Studies that belong to no job are an admin's alone.
+_OWNER_STUDY_IDS = text("""
+    SELECT s.study_id FROM studies s
+    JOIN hptune_jobs j ON j.study_name = s.study_name
+    WHERE j.owner = :owner
+""")
+_OWNER_HAS_STUDY = text("""
+    SELECT 1 FROM studies s
+    JOIN hptune_jobs j ON j.study_name = s.study_name
+    WHERE s.study_id = :study_id AND j.owner = :owner
+""")
+_TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
+
+
+def trial_state_counts(db: Database, study_name: str) -> dict[str, int]:
+    """The study's trials by state name (RUNNING, COMPLETE, PRUNED, FAIL, WAITING)."""
+    with db.session() as s:
+        rows = s.execute(_TRIAL_STATE_COUNTS, {"name": study_name}).all()
+    return {str(r.state): int(r.n) for r in rows}
+
+
+def slots_in_use(db: Database, study_names: list[str]) -> dict[str, int]:
+    """For each study, its trials that hold one of the job's slots: RUNNING or finished."""
+    if not study_names:
+        return {}
+    with db.session() as s:
+        rows = s.execute(_SLOTS_IN_USE, {"names": study_names}).all()
+    return {str(r.name): int(r.n) for r in rows}
+
+
+def slots_and_running(db: Database, study_names: list[str]) -> dict[str, tuple[int, int]]:
+    """For each study: (trials holding a slot, RUNNING trials), in one query."""
+    if not study_names:
+        return {}
+    with db.session() as s:
+        rows = s.execute(_SLOTS_AND_RUNNING, {"names": study_names}).all()
+    return {str(r.name): (int(r.slots or 0), int(r.running or 0)) for r in rows}
+
+
+def studies_with_unfinished_trials(db: Database) -> list[str]:
+    """Names of studies that hold RUNNING or WAITING trials."""
+    with db.session() as s:
+        return list(s.scalars(_STUDIES_WITH_UNFINISHED_TRIALS))
+
+
+def running_trials_without_heartbeat(db: Database, study_name: str) -> list[int]:
+    """Ids of the study's RUNNING trials that never recorded a heartbeat.
+
+    Optuna's stale-trial check skips these, so a worker that died between creating its
+    trial and its first beat would leave it RUNNING forever; the reaper handles them.
+    """
+    with db.session() as s:
+        return list(s.scalars(_RUNNING_WITHOUT_HEARTBEAT, {"name": study_name}))
+
+
+def retried_trial_numbers(db: Database, study_name: str) -> set[int]:
+    """Numbers of the study's trials that already have a retry (Optuna's retry_history)."""
+    with db.session() as s:
+        histories = [json.loads(v) for v in s.scalars(_RETRY_HISTORIES, {"name": study_name})]
+    return {int(h[-1]) for h in histories if h}
+
+
+def trial_summary_rows(db: Database, study_names: Iterable[str],
+                       session: Session | None = None) -> list[Any]:
+    """Rows (study, state, n, best_max, best_min) per study and trial state; best_* are the
+    first objective's extremes. Reads through `session` when given (one that holds a lock
+    must not wait for a second pooled connection)."""
+    names = list(study_names)
+    if not names:
+        return []
+    if session is not None:
+        return list(session.execute(_TRIAL_SUMMARY, {"names": names}))
+    with db.session() as s:
+        return list(s.execute(_TRIAL_SUMMARY, {"names": names}))
+
+
+def owner_study_ids(db: Database, owner: str) -> set[int]:
+    """Ids of the Optuna studies of `owner`'s jobs."""
+    with db.session() as s:
+        return {int(r[0]) for r in s.execute(_OWNER_STUDY_IDS, {"owner": owner})}
+
+
+def owner_has_study(db: Database, owner: str, study_id: int) -> bool:
+    with db.session() as s:
+        return s.execute(_OWNER_HAS_STUDY, {"owner": owner, "study_id": study_id}
+                         ).first() is not None
+
+
+def trial_study_id(db: Database, trial_id: int) -> int | None:
+    with db.session() as s:
+        value = s.execute(_TRIAL_STUDY_ID, {"trial_id": trial_id}).scalar()
+    return None if value is None else int(value)
