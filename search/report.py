@@ -195,22 +195,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
     trials = study.get_trials(deepcopy=False)
     rows = trials_to_dicts(trials)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    completed = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
-    best = None
-    if completed:
-        pick = max if maximize else min
-        best_row = pick(completed, key=lambda r: r["value"])
-        best = {
-            "number": best_row["number"],
-            "params": best_row["params"],
-            "value": best_row["value"],
-            "metric": spec.metric,
-            "best_epoch": best_row["best_epoch"],
-            "stopped_epoch": best_row["stopped_epoch"],
-            "stop_reason": best_row["stop_reason"],
-            "test_metrics": {k[5:]: v for k, v in best_row["details"].items()
-                             if k.startswith("test_")},
-        }
+    best = _best_trial(rows, maximize, spec.metric)
 
     stopped = []
     saved = {"pruned_epochs": 0.0, "early_stopped_epochs": 0.0,
@@ -230,17 +215,7 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
         if (r["stop_reason"] in (None, StopReason.MAX_EPOCHS)
                 or r["state"] in ("RUNNING", "WAITING")):
             continue
-        stopped.append({
-            "number": r["number"],
-            "state": r["state"],
-            "params": r["params"],
-            "stop_reason": r["stop_reason"],
-            "stopped_epoch": r["stopped_epoch"],
-            "best_epoch": r["best_epoch"],
-            "value": r["value"],
-            "reason": reason_in_words(r, spec.pruner.resource),
-            "details": r["details"],
-        })
+        stopped.append(_stopped_trial(r, spec))
 
     finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     full_epochs = spec.max_epochs * len(finished)
@@ -268,6 +243,42 @@ def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dic
         "compute_saved": saved,
         "stopped_trials": stopped,
         "pruning_audit": audit,
+    }
+
+
+def _best_trial(rows: list[dict[str, Any]], maximize: bool, metric: str
+                ) -> dict[str, Any] | None:
+    """The report's best trial: the best COMPLETE value, or None before there is one."""
+    completed = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    if not completed:
+        return None
+    pick = max if maximize else min
+    best_row = pick(completed, key=lambda r: r["value"])
+    return {
+        "number": best_row["number"],
+        "params": best_row["params"],
+        "value": best_row["value"],
+        "metric": metric,
+        "best_epoch": best_row["best_epoch"],
+        "stopped_epoch": best_row["stopped_epoch"],
+        "stop_reason": best_row["stop_reason"],
+        "test_metrics": {k[5:]: v for k, v in best_row["details"].items()
+                         if k.startswith("test_")},
+    }
+
+
+def _stopped_trial(r: dict[str, Any], spec: JobSpec) -> dict[str, Any]:
+    """A trial stopped before max_epochs, as the report lists it with its reason in words."""
+    return {
+        "number": r["number"],
+        "state": r["state"],
+        "params": r["params"],
+        "stop_reason": r["stop_reason"],
+        "stopped_epoch": r["stopped_epoch"],
+        "best_epoch": r["best_epoch"],
+        "value": r["value"],
+        "reason": reason_in_words(r, spec.pruner.resource),
+        "details": r["details"],
     }
 
 

@@ -22,6 +22,7 @@ from search.spec import control_character
 from service.db import Database
 from service.errors import Conflict, NotFound, QuotaExceeded
 from service.models import Job, UploadedDataset, as_utc
+from service.repository import get_owned
 from service.retry import DB_RETRY
 from service.settings import Settings
 from service.status import ACTIVE
@@ -103,11 +104,8 @@ def create_dataset(db: Database, owner: str, filename: str, raw: bytes, target: 
 
 
 def get_dataset(db: Database, owner: str | None, dataset_id: int) -> UploadedDataset:
-    with db.session() as s:
-        row = s.get(UploadedDataset, dataset_id)
-    if row is None or (owner is not None and row.owner != owner):
-        raise NotFound(f"no dataset {dataset_id}")
-    return row
+    """The dataset's row (without its content), if `owner` may see it (None: any owner)."""
+    return get_owned(db, UploadedDataset, owner, dataset_id, "dataset")
 
 
 def list_datasets(db: Database, owner: str | None) -> list[UploadedDataset]:
@@ -131,11 +129,7 @@ def delete_dataset(db: Database, owner: str | None, dataset_id: int) -> None:
     the check and the delete hold that owner's lock: a job submitted meanwhile either counts
     here or, once the dataset is gone, is refused at submission.
     """
-    with db.session() as s:
-        ds_owner = s.scalar(select(UploadedDataset.owner)
-                            .where(UploadedDataset.id == dataset_id))
-    if ds_owner is None or (owner is not None and ds_owner != owner):
-        raise NotFound(f"no dataset {dataset_id}")
+    ds_owner = get_dataset(db, owner, dataset_id).owner
     with db.owner_session(ds_owner) as s:
         active = s.execute(select(Job.id, Job.spec)
                            .where(Job.owner == ds_owner, Job.status.in_(ACTIVE))).all()

@@ -22,6 +22,7 @@ from service import trial_store
 from service.db import Database
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.models import Job, as_utc, utcnow
+from service.repository import get_owned
 from service.retry import DB_RETRY
 from service.status import ACTIVE, JobStatus
 from trainer import Direction, Metric, Task
@@ -236,11 +237,7 @@ def _crash_point(db: Database, step: str) -> None:
 
 def get_job(db: Database, owner: str | None, job_id: int) -> Job:
     """The job, if `owner` may see it (None means any owner)."""
-    with db.session() as s:
-        job = s.get(Job, job_id)
-    if job is None or (owner is not None and job.owner != owner):
-        raise NotFound(f"no job {job_id}")
-    return job
+    return get_owned(db, Job, owner, job_id, "job")
 
 
 def list_jobs(db: Database, owner: str | None, limit: int = 100, offset: int = 0

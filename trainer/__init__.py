@@ -11,10 +11,11 @@ read the datasets bundled with it).
     result = fit(config, data, on_epoch=lambda epoch, metrics: False)  # True stops: "pruned"
     result.history, result.best_epoch, result.stop_reason, result.test_metrics
 
-Modules: config (TrainConfig), datasets (Dataset, load_dataset, from_arrays), network (MLP:
-forward/backward/losses), optimizers (step(params, grads) update rules), schedules (pure
-lr(step) functions), fit (the loop, TrainResult), vocab (the names above as StrEnums:
-Task, Activation, Optimizer, Schedule, Metric and its Direction, StopReason).
+Modules: config (TrainConfig), datasets (Dataset, load_dataset, from_arrays; mnist1d
+generates MNIST-1D), network (MLP: forward/backward; its activations, losses and workspace
+buffers in the modules of those names), optimizers (step(params, grads) update rules),
+schedules (pure lr(step) functions), fit (the loop, TrainResult), vocab (the names above
+as StrEnums: Task, Activation, Optimizer, Schedule, Metric and its Direction, StopReason).
 
 The trainer does not limit BLAS threads; callers that run several trainings at once (the
 service's workers) pin them, e.g. with threadpoolctl.

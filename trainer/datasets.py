@@ -11,7 +11,6 @@ default `~/.cache/hptune`; empty turns it off): a new worker process would other
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 import zipfile
@@ -22,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.mnist1d import MNIST1D_SEED, recipe_digest
+from trainer.mnist1d import generate_mnist1d as _generate_mnist1d
+from trainer.mnist1d import mnist1d_templates as mnist1d_templates  # re-exported
 from trainer.vocab import Task
 
 DATASETS = ("digits", "breast_cancer", "wine", "iris", "mnist1d", "regression")
@@ -38,10 +40,8 @@ DATASET_SHAPES = {
 SPLIT = (0.70, 0.15, 0.15)  # train / validation / test fractions for from_arrays and sklearn sets
 MIN_ROWS = 10  # fewest rows from_arrays accepts (each split needs at least one)
 MAX_CLASSES_INFERRED = 50  # integer targets with more distinct values are treated as regression
-MNIST1D_SEED = 42  # generator seed of the MNIST-1D samples (the split seed is separate)
 MNIST1D_TEST_ROWS = 1000
 MNIST1D_VAL_FRACTION = 0.15  # of the 4000 non-test rows
-_MNIST1D_GENERATOR_VERSION = 1  # part of the disk-cache key: bump when the generator changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,6 +100,23 @@ def from_arrays(
     task None infers it: integer-valued (or non-numeric) y with at most 50 distinct values
     is classification ("binary" with 2 classes, else "multiclass"); anything else regression.
     """
+    X, y = _checked_arrays(X, y)
+    if task is None:
+        task = _infer_task(y)
+    if task not in tuple(Task):
+        raise ValueError(f"task must be {', '.join(Task)} or None; got {task!r}")
+    task = Task(task)
+    y_out, classes, splits = _targets_and_split(y, task, np.random.default_rng(seed))
+    for split, rows in zip(("train", "validation", "test"), splits, strict=True):
+        if len(rows) == 0:
+            raise ValueError(f"too few rows ({len(X)}) for a non-empty {split} split")
+    n_classes = 1 if classes is None else len(classes)
+    parts = [(X[rows], y_out[rows]) for rows in splits]
+    return _standardised(name, task, parts, n_classes, classes)
+
+
+def _checked_arrays(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(X as float64, y as 1-D), or ValueError naming what is wrong with them."""
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim != 2:
@@ -122,13 +139,11 @@ def from_arrays(
         raise ValueError(f"X must be numeric: {exc}") from None
     if not np.isfinite(X).all():
         raise ValueError("X contains NaN or infinite values")
-    if task is None:
-        task = _infer_task(y)
-    if task not in tuple(Task):
-        raise ValueError(f"task must be {', '.join(Task)} or None; got {task!r}")
-    task = Task(task)
+    return X, y
 
-    rng = np.random.default_rng(seed)
+
+def _targets_and_split(y: np.ndarray, task: Task, rng: np.random.Generator):
+    """(targets as the trainer wants them, class labels or None, (train, val, test) rows)."""
     if task == Task.REGRESSION:
         try:
             y = y.astype(np.float64)
@@ -136,32 +151,29 @@ def from_arrays(
             raise ValueError("regression targets y must be numeric") from None
         if not np.isfinite(y).all():
             raise ValueError("y contains NaN or infinite values")
-        classes = None
-        n_classes = 1
-        train, val, test = _random_split(len(y), rng)
-        y_out = y.astype(np.float32)
-    else:
-        classes, ids = np.unique(y, return_inverse=True)
-        n_classes = len(classes)
-        if n_classes < 2:
-            raise ValueError(f"classification needs at least 2 classes, y has only {classes!r}")
-        if task == Task.BINARY and n_classes != 2:
-            raise ValueError(f"task 'binary' needs exactly 2 classes, y has {n_classes}")
-        train, val, test = _stratified_split(ids, rng)
-        y_out = ids.astype(np.int64)
-    for split, rows in (("train", train), ("validation", val), ("test", test)):
-        if len(rows) == 0:
-            raise ValueError(f"too few rows ({len(X)}) for a non-empty {split} split")
-    mean, std = _standardiser(X[train])
+        return y.astype(np.float32), None, _random_split(len(y), rng)
+    classes, ids = np.unique(y, return_inverse=True)
+    n_classes = len(classes)
+    if n_classes < 2:
+        raise ValueError(f"classification needs at least 2 classes, y has only {classes!r}")
+    if task == Task.BINARY and n_classes != 2:
+        raise ValueError(f"task 'binary' needs exactly 2 classes, y has {n_classes}")
+    return ids.astype(np.int64), classes, _stratified_split(ids, rng)
+
+
+def _standardised(name: str, task: Task, parts, n_classes: int, classes) -> Dataset:
+    """The Dataset of parts ((X, y) train, val, test), standardised by the train split."""
+    (X_train, y_train), (X_val, y_val), (X_test, y_test) = parts
+    mean, std = _standardiser(X_train)
     return Dataset(
         name=name,
         task=task,
-        X_train=_apply(X[train], mean, std),
-        y_train=y_out[train],
-        X_val=_apply(X[val], mean, std),
-        y_val=y_out[val],
-        X_test=_apply(X[test], mean, std),
-        y_test=y_out[test],
+        X_train=_apply(X_train, mean, std),
+        y_train=y_train,
+        X_val=_apply(X_val, mean, std),
+        y_val=y_val,
+        X_test=_apply(X_test, mean, std),
+        y_test=y_test,
         n_classes=n_classes,
         classes=classes,
         feature_mean=mean.astype(np.float32),
@@ -304,95 +316,11 @@ def _regression_data(n: int = 3000, n_features: int = 10) -> tuple[np.ndarray, n
 
 # ---------------------------------------------------------------------- MNIST-1D
 
-# Greydanus (2020), "Scaling down deep learning": ten hand-drawn 1-D digit templates.
-_MNIST1D_TEMPLATES = (
-    (5, 6, 6.5, 6.75, 7, 7, 7, 7, 6.75, 6.5, 6, 5),
-    (5, 3, 3, 3.4, 3.8, 4.2, 4.6, 5, 5.4, 5.8, 5, 5),
-    (5, 6, 6.5, 6.5, 6, 5.25, 4.75, 4, 3.5, 3.5, 4, 5),
-    (5, 6, 6.5, 6.5, 6, 5, 5, 6, 6.5, 6.5, 6, 5),
-    (5, 4.4, 3.8, 3.2, 2.6, 2.6, 5, 5, 5, 5, 5, 5),
-    (5, 3, 3, 3, 3, 5, 6, 6.5, 6.5, 6, 4.5, 5),
-    (5, 4, 3.5, 3.25, 3, 3, 3, 3, 3.25, 3.5, 4, 5),
-    (5, 7, 7, 6.6, 6.2, 5.8, 5.4, 5, 4.6, 4.2, 5, 5),
-    (5, 4, 3.5, 3.5, 4, 5, 5, 4, 3.5, 3.5, 4, 5),
-    (5, 4, 3.5, 3.5, 4, 5, 5, 5, 5, 4.7, 4.3, 5),
-)
-_MNIST1D_ARGS = {
-    "num_samples": 5000,
-    "template_len": 12,
-    "padding": (36, 60),
-    "scale_coeff": 0.4,
-    "max_translation": 48,
-    "corr_noise_scale": 0.25,
-    "iid_noise_scale": 2e-2,
-    "shear_scale": 0.75,
-    "final_seq_length": 40,
-}
-
-
-def mnist1d_templates() -> np.ndarray:
-    """The 10 templates, whitened, starting at 0 and scaled by 1/6 as in the reference."""
-    x = np.asarray(_MNIST1D_TEMPLATES, dtype=np.float64)
-    x = x - x.mean(axis=1, keepdims=True)
-    x = x / x.std(axis=1, keepdims=True)
-    x = x - x[:, :1]
-    return x / 6.0
-
-
-def _interpolate(x: np.ndarray, n: int) -> np.ndarray:
-    return np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, len(x)), x)
-
-
-def _gaussian_filter1d(x: np.ndarray, sigma: float) -> np.ndarray:
-    """scipy.ndimage.gaussian_filter1d with its defaults (mode "reflect", truncate 4)."""
-    radius = int(4.0 * sigma + 0.5)
-    taps = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
-    kernel /= kernel.sum()
-    padded = np.pad(x, radius, mode="symmetric")
-    return np.convolve(padded, kernel, mode="valid")
-
 
 @functools.cache
 def mnist1d_arrays(seed: int = MNIST1D_SEED) -> tuple[np.ndarray, np.ndarray]:
     """The 5000 MNIST-1D samples (40 points each) and labels; cached per process and on disk."""
-    recipe = repr((_MNIST1D_GENERATOR_VERSION, _MNIST1D_TEMPLATES, sorted(_MNIST1D_ARGS.items()),
-                   seed, np.__version__))
-    digest = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    return _disk_cached(f"mnist1d-{digest}", lambda: _generate_mnist1d(seed))
-
-
-def _generate_mnist1d(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Generate the 5000 MNIST-1D samples (40 points each) and labels.
-
-    Follows the reference generator: pad with 36-60 zeros, stretch to 72 points, scale,
-    circularly translate, fill the background with correlated noise, add iid noise, shear,
-    subsample to 40 points; then shuffle rows and standardise globally.
-    """
-    a = _MNIST1D_ARGS
-    rng = np.random.default_rng(seed)
-    templates = mnist1d_templates()
-    per_class = a["num_samples"] // len(templates)
-    length = a["template_len"] + a["padding"][1]
-    low, high = a["padding"]
-    xs = np.empty((per_class * len(templates), a["final_seq_length"]))
-    ys = np.repeat(np.arange(len(templates)), per_class)
-    for row, label in enumerate(ys):
-        x = templates[label] + 1e-8
-        pad = low + int(rng.random() * (high - low + 1))
-        x = _interpolate(np.concatenate([x, np.zeros(pad)]), length)
-        x = x * (1.0 + a["scale_coeff"] * (rng.random() - 0.5))
-        x = np.roll(x, int(rng.integers(a["max_translation"])))
-        background = x == 0
-        corr = _gaussian_filter1d(a["corr_noise_scale"] * rng.standard_normal(length), 2.0)
-        x = np.where(background, corr, x)
-        x = x + a["iid_noise_scale"] * rng.standard_normal(length)
-        x = x - a["shear_scale"] * (rng.random() - 0.5) * np.linspace(-0.5, 0.5, length)
-        xs[row] = _interpolate(x, a["final_seq_length"])
-    order = rng.permutation(len(ys))
-    xs, ys = xs[order], ys[order]
-    xs = (xs - xs.mean()) / xs.std()
-    return xs, ys.astype(np.int64)
+    return _disk_cached(f"mnist1d-{recipe_digest(seed)}", lambda: _generate_mnist1d(seed))
 
 
 def _mnist1d(seed: int) -> Dataset:
@@ -410,18 +338,5 @@ def _mnist1d(seed: int) -> Dataset:
         train_parts.append(rows[n_val:])
     train = np.sort(np.concatenate(train_parts))
     val = np.sort(np.concatenate(val_parts))
-    mean, std = _standardiser(X_rest[train])
-    return Dataset(
-        name="mnist1d",
-        task=Task.MULTICLASS,
-        X_train=_apply(X_rest[train], mean, std),
-        y_train=y_rest[train],
-        X_val=_apply(X_rest[val], mean, std),
-        y_val=y_rest[val],
-        X_test=_apply(X_test, mean, std),
-        y_test=y_test,
-        n_classes=10,
-        classes=np.arange(10),
-        feature_mean=mean.astype(np.float32),
-        feature_std=std.astype(np.float32),
-    )
+    parts = [(X_rest[train], y_rest[train]), (X_rest[val], y_rest[val]), (X_test, y_test)]
+    return _standardised("mnist1d", Task.MULTICLASS, parts, 10, np.arange(10))

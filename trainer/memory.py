@@ -141,20 +141,7 @@ def estimate_trial_memory(
     in_fit = (3 * n_train + n_val) * (f + 1) * s + n_train * (2 * _I64 + s + 2 * _I64)
     dataset = resident + in_fit
 
-    # Parameters: one flat buffer each of values, gradients and the best epoch's copy, the
-    # optimizer's state, and a scratch buffer the size of the largest weight matrix.
-    sizes = [f, *hidden, k]
-    shapes = list(pairwise(sizes))
-    n_params = sum((a + 1) * b for a, b in shapes)
-    largest = max(a * b for a, b in shapes)
-    held = (3 + OPTIMIZER_STATE_ARRAYS[optimizer]) * n_params * s + largest * s
-    # An update's temporaries: |moments| and a mask when flushing subnormals, else the
-    # weight-decay term of the largest matrix.
-    update = n_params * (s + 1) if optimizer in _FLUSHING else largest * s
-    # Initialisation draws each matrix in float64 and scales it in place (numpy reuses the
-    # temporary), while only values, gradients and scratch exist.
-    init = 2 * n_params * s + largest * s + largest * _F64
-    parameters = max(held + update, init)
+    parameters = _parameter_bytes([f, *hidden, k], optimizer, s)
 
     # Activations: a workspace per training batch size, dropout masks for a block of batches
     # plus the 16-bit random draws they come from.
@@ -167,6 +154,36 @@ def estimate_trial_memory(
         rows = min(block, n_train)
         activations += total_width * rows * (s + 2)
 
+    evaluation = _evaluation_bytes(n_val, n_test, f, hidden, k, activation, s)
+
+    # Loading: the raw arrays, their float64 copy, and while the training split is
+    # standardised its float64 selection, (X - mean), the quotient and the float32 result.
+    loading = n * f * (raw_itemsize + _F64) + n_train * f * (3 * _F64 + 4) + n * 2 * _I64
+
+    return MemoryEstimate(dataset=dataset, parameters=parameters, activations=activations,
+                          evaluation=evaluation, loading=loading)
+
+
+def _parameter_bytes(sizes: list[int], optimizer: str, s: int) -> int:
+    """Peak bytes of a network of layer widths `sizes`: its parameters and their updates."""
+    # Parameters: one flat buffer each of values, gradients and the best epoch's copy, the
+    # optimizer's state, and a scratch buffer the size of the largest weight matrix.
+    shapes = list(pairwise(sizes))
+    n_params = sum((a + 1) * b for a, b in shapes)
+    largest = max(a * b for a, b in shapes)
+    held = (3 + OPTIMIZER_STATE_ARRAYS[optimizer]) * n_params * s + largest * s
+    # An update's temporaries: |moments| and a mask when flushing subnormals, else the
+    # weight-decay term of the largest matrix.
+    update = n_params * (s + 1) if optimizer in _FLUSHING else largest * s
+    # Initialisation draws each matrix in float64 and scales it in place (numpy reuses the
+    # temporary), while only values, gradients and scratch exist.
+    init = 2 * n_params * s + largest * s + largest * _F64
+    return max(held + update, init)
+
+
+def _evaluation_bytes(n_val: int, n_test: int, f: int, hidden: list[int], k: int,
+                      activation: str, s: int) -> int:
+    """Peak bytes of evaluating the validation and test splits in chunks."""
     # Evaluation: a workspace per chunk size of the validation and test splits (the test
     # split's also stages its rows with the column of ones), and each chunk's loss temporaries.
     chunk_sizes: dict[int, bool] = {}
@@ -177,13 +194,7 @@ def estimate_trial_memory(
     evaluation = sum(_forward_bytes(m, hidden, k, activation, s)
                      + (m * (f + 1) * s if staged else 0) for m, staged in chunk_sizes.items())
     evaluation += _eval_temporaries(min(EVAL_CHUNK, max(n_val, n_test)), k)
-
-    # Loading: the raw arrays, their float64 copy, and while the training split is
-    # standardised its float64 selection, (X - mean), the quotient and the float32 result.
-    loading = n * f * (raw_itemsize + _F64) + n_train * f * (3 * _F64 + 4) + n * 2 * _I64
-
-    return MemoryEstimate(dataset=dataset, parameters=parameters, activations=activations,
-                          evaluation=evaluation, loading=loading)
+    return evaluation
 
 
 def estimate_trial_bytes(

@@ -8,13 +8,10 @@ decay and the l1/l2 penalties act on; never the biases) inside ``params``; an op
 updates everything with a few vectorised operations over one contiguous buffer. ``grad``
 has the same layout.
 
-Heads by task: "multiclass" = n_classes logits + softmax cross-entropy; "binary" = one
-logit + sigmoid binary cross-entropy (labels 0/1); "regression" = one linear output + mean
-squared error. Losses are means over the rows of a batch.
-
-Per batch size the network keeps a workspace of preallocated activation and gradient
-buffers, so a training step allocates (almost) nothing. Internally activations are
-feature-major, (width + 1, rows): with weights stored (fan_in, fan_out), every GEMM of a
+Heads and their losses (means over a batch's rows) are in trainer.losses, activations in
+trainer.activations. Per batch size the network keeps a workspace (trainer.workspace) of
+preallocated buffers, so a training step allocates (almost) nothing. Internally activations
+are feature-major, (width + 1, rows): with weights stored (fan_in, fan_out), every GEMM of a
 step then has a shape OpenBLAS runs well even for a handful of rows (with row-major
 activations ``delta @ W.T`` is about twice as slow at batch 16).
 """
@@ -26,13 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from trainer.activations import activate, activation_grad
+from trainer.losses import head, summed_loss
 from trainer.vocab import Activation, Task
+from trainer.workspace import Workspace
 
 TASKS = tuple(Task)
 ACTIVATIONS = tuple(Activation)
-LEAKY_SLOPE = 0.01  # leaky_relu's slope for negative inputs
-_GELU_C = math.sqrt(2.0 / math.pi)
-_GELU_A = 0.044715
 EVAL_CHUNK = 2048  # rows per forward pass when evaluating
 
 Masks = Sequence[np.ndarray | None] | None
@@ -41,43 +38,6 @@ Masks = Sequence[np.ndarray | None] | None
 def output_units(task: str, n_classes: int) -> int:
     """Width of the output layer: n_classes for multiclass, 1 for binary and regression."""
     return n_classes if task == Task.MULTICLASS else 1
-
-
-class _Workspace:
-    """Preallocated buffers for batches of exactly n rows, feature-major (width, n)."""
-
-    def __init__(self, net: MLP, n: int, train: bool) -> None:
-        dt = net.dtype
-        widths = net.sizes[1:]
-        hidden = widths[:-1]
-        # Hidden outputs after dropout, plus a row of ones that multiplies the bias row.
-        self.h = [np.empty((w + 1, n), dt) for w in hidden]
-        for h in self.h:
-            h[-1] = 1.0
-        self.a = [h[:-1] for h in self.h]
-        # Pre-activations; ReLU is computed in place, so there z is a.
-        if net.activation == Activation.RELU:
-            self.z = [*self.a, np.empty((widths[-1], n), dt)]
-        else:
-            self.z = [np.empty((w, n), dt) for w in widths]
-        self.xa: np.ndarray | None = None  # (n, n_inputs + 1) staging for raw inputs
-        # ReLU is np.maximum(z, zeros): against an array of zeros numpy 2.4 runs it about 3x
-        # faster than against the scalar 0 (benchmarks/trainer_profile.py).
-        if net.activation == Activation.RELU and hidden:
-            self.zeros = np.zeros((max(hidden), n), dt)
-        if not train:
-            return
-        self.d = [np.empty((w, n), dt) for w in hidden]  # d loss / d hidden output
-        wmax = max(widths)
-        self.tb = np.empty((wmax, n), bool)
-        self.tf = np.empty((wmax, n), dt)
-        self.tf2 = np.empty((wmax, n), dt)
-        self.e = np.empty((widths[-1], n), dt)  # d loss / d output
-        self.row = np.empty(n, dt)
-        self.row2 = np.empty(n, dt)
-        self.zy = np.empty(n, dt)
-        self.colbase = np.arange(n, dtype=np.int64)
-        self.idx = np.empty(n, np.int64)
 
 
 class MLP:
@@ -137,7 +97,7 @@ class MLP:
             sum(layer.size for layer in self.layers[:i]) for i in range(len(self.layers))
         ]
         self._wflat = [(self.params[s], self.grad[s]) for s in self.decay_slices]
-        self._workspaces: dict[tuple[int, bool], _Workspace] = {}
+        self._workspaces: dict[tuple[int, bool], Workspace] = {}
         self._wscratch = np.empty(max(a * b for a, b in shapes), self.dtype)
         self.initialize(init, rng)
 
@@ -184,15 +144,15 @@ class MLP:
 
     # ------------------------------------------------------------------ forward
 
-    def _workspace(self, n: int, train: bool) -> _Workspace:
+    def _workspace(self, n: int, train: bool) -> Workspace:
         ws = self._workspaces.get((n, train))
         if ws is None:
             if len(self._workspaces) > 8:  # odd sizes (eval tails, uploads): don't hoard
                 self._workspaces.clear()
-            ws = self._workspaces[(n, train)] = _Workspace(self, n, train)
+            ws = self._workspaces[(n, train)] = Workspace(self, n, train)
         return ws
 
-    def _forward(self, XTa: np.ndarray, ws: _Workspace, masks_t: Masks) -> np.ndarray:
+    def _forward(self, XTa: np.ndarray, ws: Workspace, masks_t: Masks) -> np.ndarray:
         """Output values (k, n) for augmented inputs XTa (n_inputs + 1, n).
 
         masks_t are (width, n) per hidden layer, or None.
@@ -207,34 +167,13 @@ class MLP:
             if relu:
                 np.maximum(z, ws.zeros[: z.shape[0]], out=z)  # a is z
             else:
-                self._activate(z, a)
+                activate(self.activation, z, a)
             if masks_t is not None and masks_t[i] is not None:
                 a *= masks_t[i]
             h = ws.h[i]
         z = ws.z[-1]
         np.matmul(layers_t[-1], h, out=z)
         return z
-
-    def _activate(self, z: np.ndarray, a: np.ndarray) -> None:
-        """a = activation(z) for the activations other than relu (done in place in _forward)."""
-        act = self.activation
-        if act == Activation.LEAKY_RELU:
-            np.multiply(z, LEAKY_SLOPE, out=a)
-            np.maximum(z, a, out=a)
-        elif act == Activation.TANH:
-            np.tanh(z, out=a)
-        elif act == Activation.SIGMOID:
-            _sigmoid(z, a)
-        else:  # gelu, tanh approximation: 0.5 z (1 + tanh(c (z + a z^3)))
-            np.multiply(z, z, out=a)
-            a *= _GELU_A
-            a += 1.0
-            a *= z
-            a *= _GELU_C
-            np.tanh(a, out=a)
-            a += 1.0
-            a *= z
-            a *= 0.5
 
     def forward(self, X: np.ndarray, masks: Masks = None) -> np.ndarray:
         """Output-layer values (logits / predictions), shape (rows, outputs), as a new array.
@@ -302,7 +241,7 @@ class MLP:
     ) -> float:
         """Mean data loss on (X, y) plus the l1/l2 penalties, without touching `grad`."""
         out = self.forward(X, masks)
-        return _loss_sum(self.task, out, np.asarray(y)) / len(X) + self.penalty(l1, l2)
+        return summed_loss(self.task, out, np.asarray(y)) / len(X) + self.penalty(l1, l2)
 
     def loss_and_grad(
         self, X: np.ndarray, y: np.ndarray, masks: Masks = None, l1: float = 0.0, l2: float = 0.0
@@ -337,7 +276,7 @@ class MLP:
         n = XTa.shape[1]
         ws = self._workspaces.get((n, True)) or self._workspace(n, True)
         z = self._forward(XTa, ws, masks_t)
-        loss, delta = self._head(z, y, ws, n, record)
+        loss, delta = head(self.task, z, y, ws, n, record)
         if self.activation == Activation.RELU and (masks_t is None or mask_scale is not None):
             self._backward_relu(XTa, ws, masks_t, delta, mask_scale)
         else:
@@ -354,54 +293,9 @@ class MLP:
             return int(np.count_nonzero(record == 0))
         return int(np.count_nonzero((record > 0) == (y > 0.5)))
 
-    def _head(self, z: np.ndarray, y: np.ndarray, ws: _Workspace, n: int, record=None):
-        """Return (mean loss, d loss / d z) for output values z (k, n); z may be clobbered."""
-        e = ws.e
-        if self.task == Task.MULTICLASS:
-            # ufunc methods rather than np.max/np.sum/np.take: at batch 16 the wrappers'
-            # microseconds are a visible share of a step.
-            row = ws.row
-            np.maximum.reduce(z, axis=0, out=row)
-            np.subtract(z, row, out=z)
-            np.exp(z, out=e)
-            np.add.reduce(e, axis=0, out=row)
-            idx = np.multiply(y, n, out=ws.idx)
-            idx += ws.colbase
-            zy = z.take(idx, out=ws.zy if record is None else record)
-            lse = np.log(row, out=ws.row2)
-            lse -= zy
-            loss = float(np.add.reduce(lse)) / n
-            row *= n  # fold the 1/n of the mean into the softmax normalisation
-            np.divide(e, row, out=e)
-            ef = e.reshape(-1)
-            ef[idx] -= 1.0 / n
-            return loss, e
-        if record is not None:
-            record[...] = z[0]
-        if self.task == Task.BINARY:
-            # softplus(z) - y*z, with softplus(z) = max(z, 0) + log1p(exp(-|z|))
-            t1, t2 = ws.tf[0], ws.tf2[0]
-            np.abs(z[0], out=t1)
-            np.negative(t1, out=t1)
-            np.exp(t1, out=t1)
-            np.log1p(t1, out=t1)
-            np.maximum(z[0], 0, out=t2)
-            t1 += t2
-            np.multiply(z[0], y, out=t2)
-            t1 -= t2
-            loss = float(t1.sum()) / n
-            _sigmoid(z, e)
-            e -= y
-            e *= 1.0 / n
-            return loss, e
-        np.subtract(z, y, out=e)
-        loss = float(np.dot(e[0], e[0])) / n
-        e *= 2.0 / n
-        return loss, e
-
     # ------------------------------------------------------------------ backward
 
-    def _backward(self, XTa: np.ndarray, ws: _Workspace, masks_t: Masks, delta) -> None:
+    def _backward(self, XTa: np.ndarray, ws: Workspace, masks_t: Masks, delta) -> None:
         for i in range(len(self.layers) - 1, -1, -1):
             h = XTa if i == 0 else ws.h[i - 1]
             np.matmul(h, delta.T, out=self.grad_layers[i])  # weights and bias row at once
@@ -411,10 +305,10 @@ class MLP:
             np.matmul(self.weights[i], delta, out=d)
             if masks_t is not None and masks_t[i - 1] is not None:
                 d *= masks_t[i - 1]
-            self._activation_grad(ws.z[i - 1], ws.a[i - 1], d, ws)
+            activation_grad(self.activation, ws.z[i - 1], ws.a[i - 1], d, ws)
             delta = d
 
-    def _backward_relu(self, XTa, ws: _Workspace, masks_t: Masks, delta, scale) -> None:
+    def _backward_relu(self, XTa, ws: Workspace, masks_t: Masks, delta, scale) -> None:
         """Backward pass of a ReLU network whose masks (if any) hold only 0 and `scale`.
 
         With a = relu(z) * mask, a > 0 exactly where the mask kept a unit with z > 0, so
@@ -451,52 +345,6 @@ class MLP:
             np.multiply(a, gate, out=a)
             delta = a
 
-    def _activation_grad(self, z: np.ndarray, a: np.ndarray, d: np.ndarray, ws) -> None:
-        """d *= activation'(z), in place; a is the layer's output after dropout."""
-        w = z.shape[0]
-        act = self.activation
-        if act == Activation.RELU:
-            # z was overwritten by a = relu(z) * mask. Where the mask kept a unit, a > 0
-            # iff z > 0; dropped units already have d == 0 from the mask.
-            tb = ws.tb[:w]
-            np.greater(a, 0, out=tb)
-            np.multiply(d, tb, out=d)
-            return
-        t = ws.tf[:w]
-        if act == Activation.LEAKY_RELU:
-            tb = ws.tb[:w]
-            np.greater(z, 0, out=tb)
-            np.multiply(tb, 1.0 - LEAKY_SLOPE, out=t)
-            t += LEAKY_SLOPE
-        elif act == Activation.TANH:
-            np.tanh(z, out=t)
-            np.multiply(t, t, out=t)
-            np.subtract(1.0, t, out=t)
-        elif act == Activation.SIGMOID:
-            _sigmoid(z, t)
-            t2 = ws.tf2[:w]
-            np.subtract(1.0, t, out=t2)
-            t *= t2
-        else:  # gelu: 0.5(1+tanh u) + 0.5 z (1 - tanh(u)^2) c (1 + 3a z^2), u = c(z + a z^3)
-            t2 = ws.tf2[:w]
-            np.multiply(z, z, out=t2)  # z^2
-            np.multiply(t2, _GELU_A, out=t)
-            t += 1.0
-            t *= z
-            t *= _GELU_C
-            np.tanh(t, out=t)  # tanh(u)
-            t2 *= 3.0 * _GELU_A
-            t2 += 1.0
-            t2 *= _GELU_C
-            t2 *= z  # c z (1 + 3a z^2)
-            sech2 = np.multiply(t, t)  # small allocation; gelu is off the hot path
-            np.subtract(1.0, sech2, out=sech2)
-            t2 *= sech2
-            t += 1.0
-            t += t2
-            t *= 0.5
-        d *= t
-
     def _penalty_grad(self, l1: float, l2: float) -> None:
         for w, g in self._wflat:
             s = self._wscratch[: w.size]
@@ -523,7 +371,7 @@ class MLP:
         for s, ws, xta in self._chunks(X, augmented):
             out = self._forward(xta, ws, None).T
             ys = y[s : s + len(out)]
-            loss_sum += _loss_sum(self.task, out, ys)
+            loss_sum += summed_loss(self.task, out, ys)
             if self.task == Task.MULTICLASS:
                 correct += int(np.count_nonzero(out.argmax(axis=1) == ys))
             elif self.task == Task.BINARY:
@@ -549,27 +397,3 @@ class MLP:
         for i, (w, b) in enumerate(layers):
             self.weights[i][...] = w
             self.biases[i][...] = b
-
-
-def _sigmoid(z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Overflow-free logistic function: 0.5 * (1 + tanh(z / 2))."""
-    np.multiply(z, 0.5, out=out)
-    np.tanh(out, out=out)
-    out *= 0.5
-    out += 0.5
-    return out
-
-
-def _loss_sum(task: str, out: np.ndarray, y: np.ndarray) -> float:
-    """Summed (not mean) loss of outputs `out` (rows, k) against y; allocates, for evaluation."""
-    out64 = out.astype(np.float64)
-    if task == Task.MULTICLASS:
-        y = y.reshape(-1).astype(np.int64)
-        shifted = out64 - out64.max(axis=1, keepdims=True)
-        lse = np.log(np.exp(shifted).sum(axis=1))
-        return float((lse - shifted[np.arange(len(y)), y]).sum())
-    z = out64[:, 0]
-    yv = y.reshape(-1).astype(np.float64)
-    if task == Task.BINARY:
-        return float((np.maximum(z, 0) - z * yv + np.log1p(np.exp(-np.abs(z)))).sum())
-    return float(np.square(z - yv).sum())
