@@ -4,55 +4,68 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
+from optuna.trial import TrialState
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
 from search import JobSpec
 from search.report import epochs_saved, trial_to_dict
-from service import jobs
+from service import jobs, trial_store
 from service.db import Database
 from service.models import Job, as_utc
 from service.registry import live_workers
-from service.status import JobStatus
+from service.status import TERMINAL, JobStatus
 
 # Trial durations (seconds) histogram buckets.
 DURATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# Per-trial figures are recomputed at most this often; a scrape in between reuses them.
+# Epochs saved are recomputed at most this often; a scrape in between reuses them.
 TRIAL_STATS_TTL_S = 10.0
-# Jobs whose trials are summarised (the most recent ones).
+# Jobs whose epochs saved are summed (the most recent ones).
 MAX_JOBS_SUMMARISED = 500
 
 
 class _Collector:
+    """Reads hptune's state at scrape time in a bounded number of queries: trial counts and
+    durations are aggregates over Optuna's tables; epochs saved are summed per job, and a
+    job's sum is kept once the job has ended with no trial left running (it cannot change)."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
         self._lock = threading.Lock()
-        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._cached: tuple[float, dict[str, float]] | None = None
+        self._settled: dict[int, dict[str, float]] = {}
 
-    def _trial_stats(self) -> dict[str, Any]:
+    def _epochs_saved(self) -> dict[str, float]:
         with self._lock:
             if self._cached and time.monotonic() - self._cached[0] < TRIAL_STATS_TTL_S:
                 return self._cached[1]
-            by_state: dict[str, int] = {}
-            durations: list[float] = []
             saved = {"pruned": 0.0, "early_stopped": 0.0}
             rows, _ = jobs.list_jobs(self.db, None, limit=MAX_JOBS_SUMMARISED)
+            self._settled = {j.id: v for j, v in ((j, self._settled.get(j.id)) for j in rows)
+                             if v is not None}
             for job in rows:
-                max_epochs = JobSpec.model_validate(job.spec).max_epochs
-                for t in jobs.study_trials(self.db, job):
-                    by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-                    if t.datetime_start and t.datetime_complete:
-                        durations.append((t.datetime_complete - t.datetime_start).total_seconds())
-                    # As the report counts them: partial epochs, nothing for an audited pruning.
-                    saving = epochs_saved(trial_to_dict(t), max_epochs)
-                    if saving is not None:
-                        saved[saving[0]] += saving[1]
-            stats = {"by_state": by_state, "durations": durations, "saved": saved}
-            self._cached = (time.monotonic(), stats)
-            return stats
+                per_job = self._settled.get(job.id) or self._job_saved(job)
+                for cause, n in per_job.items():
+                    saved[cause] += n
+            self._cached = (time.monotonic(), saved)
+            return saved
+
+    def _job_saved(self, job: Job) -> dict[str, float]:
+        """The job's epochs saved by cause, as the report counts them (partial epochs,
+        nothing for an audited pruning); kept when the job can no longer change."""
+        max_epochs = JobSpec.model_validate(job.spec).max_epochs
+        saved = {"pruned": 0.0, "early_stopped": 0.0}
+        trials = jobs.study_trials(self.db, job)
+        for t in trials:
+            saving = epochs_saved(trial_to_dict(t), max_epochs)
+            if saving is not None:
+                saved[saving[0]] += saving[1]
+        unfinished = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+        if job.status in TERMINAL and not unfinished:
+            self._settled[job.id] = saved
+        return saved
 
     def collect(self):
         with self.db.session() as s:
@@ -63,18 +76,18 @@ class _Collector:
             g.add_metric([status], status_counts.get(status, 0))
         yield g
 
-        stats = self._trial_stats()
+        by_state = trial_store.trials_by_state(self.db)
         g = GaugeMetricFamily("hptune_trials", "Trials by Optuna state.", labels=["state"])
         for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
-            g.add_metric([state], stats["by_state"].get(state, 0))
+            g.add_metric([state], by_state.get(state, 0))
         yield g
 
-        durations = stats["durations"]
-        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in DURATION_BUCKETS_S]
-        buckets.append(("+Inf", len(durations)))
+        counts, n, total = trial_store.trial_duration_histogram(self.db, DURATION_BUCKETS_S)
+        buckets = [(str(b), c) for b, c in zip(DURATION_BUCKETS_S, counts, strict=True)]
+        buckets.append(("+Inf", n))
         h = HistogramMetricFamily("hptune_trial_duration_seconds",
                                   "Wall time of finished trials.")
-        h.add_metric([], buckets, sum_value=sum(durations))
+        h.add_metric([], buckets, sum_value=total)
         yield h
 
         # A gauge: summed over the most recent jobs, it falls when old jobs drop out or are
@@ -82,7 +95,7 @@ class _Collector:
         g = GaugeMetricFamily("hptune_epochs_saved",
                               f"Epochs not trained because trials stopped early, by cause, over "
                               f"the {MAX_JOBS_SUMMARISED} most recent jobs.", labels=["cause"])
-        for cause, n in stats["saved"].items():
+        for cause, n in self._epochs_saved().items():
             g.add_metric([cause], round(n, 4))
         yield g
 

@@ -19,7 +19,7 @@ import functools
 import itertools
 import json
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import optuna
@@ -274,6 +274,14 @@ _OWNER_HAS_STUDY = text("""
     WHERE s.study_id = :study_id AND j.owner = :owner
 """)
 _TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
+# Every study's trials by state, for /metrics: one aggregate however many jobs there are.
+_TRIALS_BY_STATE = text(
+    "SELECT CAST(state AS VARCHAR(16)) AS state, COUNT(*) AS n FROM trials GROUP BY state")
+# A finished trial's wall time in seconds, in each dialect's date arithmetic.
+_DURATION_S = {
+    "sqlite": "(julianday(datetime_complete) - julianday(datetime_start)) * 86400.0",
+    "postgresql": "EXTRACT(EPOCH FROM (datetime_complete - datetime_start))",
+}
 
 
 def trial_state_counts(db: Database, study_name: str) -> dict[str, int]:
@@ -354,3 +362,27 @@ def trial_study_id(db: Database, trial_id: int) -> int | None:
     with db.session() as s:
         value = s.execute(_TRIAL_STUDY_ID, {"trial_id": trial_id}).scalar()
     return None if value is None else int(value)
+
+
+def trials_by_state(db: Database) -> dict[str, int]:
+    """Every trial in the database by state name, in one aggregate query."""
+    with db.session() as s:
+        rows = s.execute(_TRIALS_BY_STATE).all()
+    return {str(r.state): int(r.n) for r in rows}
+
+
+def trial_duration_histogram(db: Database, buckets_s: Sequence[float]
+                             ) -> tuple[list[int], int, float]:
+    """Finished trials' wall times as cumulative counts at each bucket bound (seconds), the
+    count and the sum: computed in the database, not by loading trials."""
+    seconds = _DURATION_S["sqlite" if db.settings.is_sqlite else "postgresql"]
+    # The bounds are the caller's numbers (float() makes them plain literals), never input.
+    cases = ", ".join(f"SUM(CASE WHEN d <= {float(b)!r} THEN 1 ELSE 0 END) AS b{i}"
+                      for i, b in enumerate(buckets_s))
+    query = text(f"SELECT {cases}, COUNT(*) AS n, COALESCE(SUM(d), 0) AS total FROM "
+                 f"(SELECT {seconds} AS d FROM trials WHERE datetime_start IS NOT NULL "
+                 "AND datetime_complete IS NOT NULL) durations")
+    with db.session() as s:
+        row = s.execute(query).one()
+    counts = [int(row[i] or 0) for i in range(len(buckets_s))]
+    return counts, int(row.n), float(row.total)
