@@ -213,7 +213,8 @@ class Service:
                 raise RuntimeError(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s")
             time.sleep(POLL_S)
         elapsed = time.monotonic() - started
-        trials = self.http.get(f"/api/v1/jobs/{job_id}/trials").json()["data"]
+        trials = self.http.get(f"/api/v1/jobs/{job_id}/trials",
+                               params={"limit": 1000}).json()["data"]  # one page: <= 1000
         if job["status"] != "succeeded":
             raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}\n"
                                f"{self.log_tail()}")

@@ -110,7 +110,8 @@ class Service:
             time.sleep(0.5)
         if job["status"] != "succeeded":
             raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
-        trials = self.http.get(f"/api/v1/jobs/{job_id}/trials").json()["data"]
+        trials = self.http.get(f"/api/v1/jobs/{job_id}/trials",
+                               params={"limit": 1000}).json()["data"]  # one page: <= 1000
         return {"job": job, "trials": trials}
 
     def stop(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,35 @@ class Client:
     def job(self, job_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}")
 
+    def pages(self, path: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """Every page of a list, following each page's `next` link until it is null."""
+        page = self._call("GET", path, params={"limit": limit} if limit else None)
+        while True:
+            yield page
+            if not page.get("next"):
+                return
+            page = self._call("GET", page["next"])
+
+    def all_of(self, path: str, limit: int | None = None) -> dict[str, Any]:
+        """A whole list read page by page: {"data": every item, "count": the total}."""
+        data: list[Any] = []
+        count = 0
+        for page in self.pages(path, limit):
+            data += page["data"]
+            count = page["count"]
+        return {"data": data, "count": count}
+
     def jobs(self) -> dict[str, Any]:
-        return self._call("GET", "/api/v1/jobs")
+        """Every job the key sees, newest first (all pages)."""
+        return self.all_of("/api/v1/jobs", limit=500)
+
+    def trials(self, job_id: int) -> dict[str, Any]:
+        """Every trial of the job in number order (all pages)."""
+        return self.all_of(f"/api/v1/jobs/{job_id}/trials", limit=1000)
+
+    def datasets(self) -> dict[str, Any]:
+        """Every dataset the key sees (all pages)."""
+        return self.all_of("/api/v1/datasets", limit=500)
 
     def report(self, job_id: int) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/jobs/{job_id}/report")

@@ -108,12 +108,19 @@ def get_dataset(db: Database, owner: str | None, dataset_id: int) -> UploadedDat
     return get_owned(db, UploadedDataset, owner, dataset_id, "dataset")
 
 
-def list_datasets(db: Database, owner: str | None) -> list[UploadedDataset]:
+def list_datasets_page(db: Database, owner: str | None, after: int | None, limit: int
+                       ) -> tuple[list[UploadedDataset], int]:
+    """At most `limit` of `owner`'s datasets (None: every owner's) in id order, with ids
+    above the cursor `after` when given, and the count of all of them."""
     with db.session() as s:
         q = select(UploadedDataset).order_by(UploadedDataset.id)
+        n = select(func.count()).select_from(UploadedDataset)
         if owner is not None:
             q = q.where(UploadedDataset.owner == owner)
-        return list(s.scalars(q))
+            n = n.where(UploadedDataset.owner == owner)
+        if after is not None:
+            q = q.where(UploadedDataset.id > after)
+        return list(s.scalars(q.limit(limit))), int(s.scalar(n) or 0)
 
 
 def dataset_exists(session: Any, dataset_id: int) -> bool:

@@ -13,7 +13,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import delete, func, select, update
 
-from search import JobSpec, counts, create_study, metric_direction, study_name_for, trials_to_dicts
+from search import (
+    JobSpec,
+    counts,
+    create_study,
+    metric_direction,
+    study_name_for,
+    trial_to_dict,
+    trials_to_dicts,
+)
 from search.datasets import bundled_names, bundled_task
 from search.memory import bundled_shape, largest_trial_memory, megabytes, memory_field, output_units
 from search.spec import in_space
@@ -240,13 +248,17 @@ def get_job(db: Database, owner: str | None, job_id: int) -> Job:
     return get_owned(db, Job, owner, job_id, "job")
 
 
-def list_jobs(db: Database, owner: str | None, limit: int = 100, offset: int = 0
-              ) -> tuple[list[Job], int]:
+def list_jobs(db: Database, owner: str | None, limit: int = 100, offset: int = 0,
+              after: int | None = None) -> tuple[list[Job], int]:
+    """`owner`'s jobs (None: every owner's), newest first: at most `limit` of them, with ids
+    below the cursor `after` when given, and the count of all of them."""
     with db.session() as s:
         q = select(Job)
         n = select(func.count()).select_from(Job)
         if owner is not None:
             q, n = q.where(Job.owner == owner), n.where(Job.owner == owner)
+        if after is not None:
+            q = q.where(Job.id < after)
         rows = list(s.scalars(q.order_by(Job.id.desc()).limit(limit).offset(offset)))
         return rows, int(s.scalar(n) or 0)
 
@@ -365,3 +377,26 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
 def job_trials(db: Database, owner: str | None, job_id: int) -> list[dict[str, Any]]:
     job = get_job(db, owner, job_id)
     return trials_to_dicts(study_trials(db, job))
+
+
+def job_trials_page(db: Database, owner: str | None, job_id: int, after: int | None,
+                    limit: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """One page of the job's trials as the REST API shows them: at most `limit` numbered
+    above `after`, in number order; with the job's trial count and whether more follow.
+    Reads the page alone (trial_store.trial_page), never the whole study."""
+    job = get_job(db, owner, job_id)
+    if not job.study_name:
+        return [], 0, False
+    name = job.study_name
+    try:  # a study deleted outside hptune is a 404, as load_job_study says
+        db.storage.get_study_id_from_name(name)
+    except KeyError:
+        raise StudyMissing(f"job {job.id}'s study {name!r} no longer exists "
+                           "(deleted or renamed outside hptune)") from None
+    trials, retried_as = DB_RETRY(trial_store.trial_page, db, name,
+                                  -1 if after is None else after, limit + 1)
+    total = sum(DB_RETRY(trial_store.trial_state_counts, db, name).values())
+    more = len(trials) > limit
+    rows = [trial_to_dict(t, retried_as.get(t.number)) for t in trials[:limit]]
+    return rows, total, more
+

@@ -37,6 +37,7 @@ class JobPublic(BaseModel):
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int
+    next: str | None = None
 
 
 class TrialPublic(BaseModel):
@@ -56,6 +57,7 @@ class TrialPublic(BaseModel):
 class TrialsPublic(BaseModel):
     data: list[TrialPublic]
     count: int
+    next: str | None = None
 
 
 class ErrorItem(BaseModel):
@@ -87,3 +89,4 @@ class DatasetPublic(BaseModel):
 class DatasetsPublic(BaseModel):
     data: list[DatasetPublic]
     count: int
+    next: str | None = None

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import optuna
 from optuna.storages._rdb import models
 from optuna.study._frozen import FrozenStudy
+from optuna.trial import FrozenTrial
 from sqlalchemy import bindparam, delete, select, text
+from sqlalchemy.orm import selectinload
 
 from search.optuna_internals import frozen_trial, storage_of, study_id, trial_id
 from service.retry import OutageBudget, is_transient
@@ -50,6 +52,7 @@ __all__ = [
     "studies_with_unfinished_trials",
     "study_id",
     "trial_id",
+    "trial_page",
     "trial_state_counts",
     "trial_study_id",
     "trial_summary_rows",
@@ -273,6 +276,18 @@ _OWNER_HAS_STUDY = text("""
     JOIN hptune_jobs j ON j.study_name = s.study_name
     WHERE s.study_id = :study_id AND j.owner = :owner
 """)
+# One page of a study's trials, by number: the ids of at most :limit trials after :after, so
+# that a page costs what it shows however many trials the study has.
+_TRIAL_PAGE_IDS = text(
+    "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id "
+    "WHERE s.study_name = :name AND t.number > :after ORDER BY t.number LIMIT :limit")
+# (number of the retry, its retry_history) for each retry in the study: links a failed trial
+# on a page to the later trial that re-ran it. One short row per retry, not per trial.
+_RETRY_LINKS = text(
+    "SELECT t.number AS number, a.value_json AS history FROM trial_system_attributes a "
+    "JOIN trials t ON t.trial_id = a.trial_id "
+    "JOIN studies s ON s.study_id = t.study_id "
+    "WHERE s.study_name = :name AND a.key = 'retry_history'")
 _TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
 # Every study's trials by state, for /metrics: one aggregate however many jobs there are.
 _TRIALS_BY_STATE = text(
@@ -386,3 +401,52 @@ def trial_duration_histogram(db: Database, buckets_s: Sequence[float]
         row = s.execute(query).one()
     counts = [int(row[i] or 0) for i in range(len(buckets_s))]
     return counts, int(row.n), float(row.total)
+
+
+def trial_page(db: Database, study_name: str, after: int, limit: int
+               ) -> tuple[list[FrozenTrial], dict[int, int]]:
+    """At most `limit` of the study's trials numbered above `after`, in number order, and
+    {failed trial number: number of its retry} for the failed ones among them.
+
+    Bounded by the page: one query picks the page's trial ids, then Optuna's own models load
+    just those trials (their params, values and attributes in one query each), never the
+    whole study as Optuna's get_all_trials would.
+    """
+    with db.session() as s:
+        ids = list(s.scalars(_TRIAL_PAGE_IDS, {"name": study_name, "after": after,
+                                               "limit": limit}))
+    if not ids:
+        return [], {}
+    storage = db.storage
+    session = storage.scoped_session()
+    try:
+        rows = (session.query(models.TrialModel)
+                .options(selectinload(models.TrialModel.params),
+                         selectinload(models.TrialModel.values),
+                         selectinload(models.TrialModel.user_attributes),
+                         selectinload(models.TrialModel.system_attributes),
+                         selectinload(models.TrialModel.intermediate_values))
+                .filter(models.TrialModel.trial_id.in_(ids))
+                .order_by(models.TrialModel.number).all())
+        trials = [_frozen_from_model(storage, r) for r in rows]
+        session.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            session.rollback()
+        raise
+    finally:
+        session.close()
+    failed = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
+    retried_as: dict[int, int] = {}
+    if failed:
+        with db.session() as s:
+            for row in s.execute(_RETRY_LINKS, {"name": study_name}):
+                history = json.loads(row.history)
+                if history and int(history[-1]) in failed:
+                    retried_as[int(history[-1])] = int(row.number)
+    return trials, retried_as
+
+
+def _frozen_from_model(storage: optuna.storages.RDBStorage, row: Any) -> FrozenTrial:
+    """A FrozenTrial from Optuna's ORM row, built by Optuna's own (private) builder."""
+    return storage._build_frozen_trial_from_trial_model(row)

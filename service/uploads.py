@@ -82,7 +82,7 @@ def validate_arrays(X: np.ndarray, y: np.ndarray, task: str) -> None:
 def check_trainable(n_rows: int, classes: np.ndarray, counts: np.ndarray, task: str) -> None:
     """The checks of trainer.from_arrays, from the class counts alone: it would copy X several
     times over (float64, then each split), which is what the memory budget must not pay for.
-    The split sizes follow its rules (tests/service/test_datasets.py compares the two)."""
+    The split sizes follow its rules (tests/service/test_uploads_parsing.py compares the two)."""
     if task != Task.REGRESSION and len(classes) < 2:
         raise fail(f"the target has a single class ({classes[0]:g}); classification needs two",
                    field="target")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 
 from service import datasets, idempotency
 from service.deps import DbDep, IdempotencyKeyDep, JobId, KeyDep, OwnerDep
 from service.errors import TooLarge
-from service.routes import idempotent_response
+from service.routes import idempotent_response, next_page
 from service.schemas import DatasetPublic, DatasetsPublic
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
@@ -35,10 +35,18 @@ def upload_dataset(
 
 
 @router.get("", response_model=DatasetsPublic)
-def list_datasets(db: DbDep, owner: OwnerDep) -> dict[str, Any]:
-    """Your uploaded datasets."""
-    rows = [datasets.dataset_public(r) for r in datasets.list_datasets(db, owner)]
-    return {"data": rows, "count": len(rows)}
+def list_datasets(db: DbDep, owner: OwnerDep,
+                  after: Annotated[int | None, Query(
+                      ge=0, le=2**31 - 1,
+                      description="cursor: the last dataset id seen")] = None,
+                  limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 100,
+                  ) -> dict[str, Any]:
+    """Your uploaded datasets in id order, a page at a time: follow `next` until it is
+    null. `count` is all of them."""
+    rows, count = datasets.list_datasets_page(db, owner, after, limit + 1)
+    more, rows = len(rows) > limit, rows[:limit]
+    return {"data": [datasets.dataset_public(r) for r in rows], "count": count,
+            "next": next_page(router.prefix, rows[-1].id if more else None, limit)}
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)

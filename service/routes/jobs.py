@@ -31,7 +31,7 @@ from service.deps import (
     StreamsDep,
 )
 from service.limits import OwnerSlots
-from service.routes import idempotent_response
+from service.routes import idempotent_response, next_page
 from service.schemas import ErrorBody, JobPublic, JobsPublic, TrialsPublic
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -88,11 +88,18 @@ def submit_job(spec: JobSpec, db: DbDep, key: KeyDep, idem_key: IdempotencyKeyDe
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(db: DbDep, owner: OwnerDep,
-              limit: Annotated[int, Query(ge=1, le=500)] = 100,
-              offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0) -> dict[str, Any]:
-    """The caller's jobs, newest first."""
-    rows, count = jobs.list_jobs(db, owner, limit, offset)
-    return {"data": jobs.jobs_public(db, rows), "count": count}
+              after: Annotated[int | None, Query(
+                  ge=0, le=2**31 - 1,
+                  description="cursor: the last job id seen; this page starts below it")] = None,
+              limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 100,
+              offset: Annotated[int, Query(ge=0, le=2**31 - 1, description=(
+                  "jobs to skip first (older clients; prefer the cursor)"))] = 0,
+              ) -> dict[str, Any]:
+    """The caller's jobs, newest first, a page at a time: follow `next` until it is null."""
+    rows, count = jobs.list_jobs(db, owner, limit + 1, offset, after)
+    more, rows = len(rows) > limit, rows[:limit]
+    return {"data": jobs.jobs_public(db, rows), "count": count,
+            "next": next_page(router.prefix, rows[-1].id if more else None, limit)}
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -114,10 +121,18 @@ def cancel_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
 
 
 @router.get("/{job_id}/trials", response_model=TrialsPublic)
-def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
-    """Every trial of the job with its state, values and why it stopped."""
-    data = jobs.job_trials(db, owner, job_id)
-    return {"data": data, "count": len(data)}
+def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep,
+                after: Annotated[int | None, Query(
+                    ge=0, le=2**31 - 1,
+                    description="cursor: the last trial number seen")] = None,
+                limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
+                ) -> dict[str, Any]:
+    """The job's trials in number order with their state, values and why they stopped, a
+    page at a time: follow `next` until it is null. `count` is all of the job's trials."""
+    data, count, more = jobs.job_trials_page(db, owner, job_id, after, limit)
+    last = data[-1]["number"] if more else None
+    return {"data": data, "count": count,
+            "next": next_page(f"{router.prefix}/{job_id}/trials", last, limit)}
 
 
 @router.get("/{job_id}/report",

@@ -15,8 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import ATTR_STOP_CAUSE, JobSpec, StopCause
-from service import jobs, reaper, scheduler
-from service.db import ResilientRDBStorage
+from service import jobs, reaper, scheduler, trial_store
 from service.migrate import upgrade
 from service.settings import Settings
 
@@ -227,5 +226,24 @@ def test_timeout_fails_the_job_with_a_clear_error(db):
     assert job.error.startswith("timed out after 1 s with 1 of 3 trials finished")
 
 
-def test_storage_is_resilient_subclass(db):
-    assert isinstance(db.storage, ResilientRDBStorage)
+def test_service_storage_rides_out_a_transient_error(db):
+    """The storage the service opens retries a storage call that hit a transient error (a
+    plain RDBStorage would raise it): the first statement on its engine fails, then passes."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    _, study = _job(db, n_trials=1)
+    failures: list[str] = []
+
+    def fail_once(conn, cursor, statement, *args) -> None:
+        if not failures:
+            failures.append(statement)
+            raise OperationalError(statement, {}, Exception("database is locked"))
+
+    engine = db.storage.engine
+    event.listen(engine, "before_cursor_execute", fail_once)
+    try:
+        assert db.storage.get_study_id_from_name(study.study_name) == trial_store.study_id(study)
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_once)
+    assert len(failures) == 1, "the injected failure did not reach the storage"

@@ -123,6 +123,39 @@ def test_named_queries_agree_with_optuna(db):
     assert trial_store.trial_study_id(db, 10**9) is None
 
 
+def test_trial_page_agrees_with_optuna(db):
+    """trial_store.trial_page: the study's trials a page at a time, as Optuna builds them
+    (its private _build_frozen_trial_from_trial_model), failed trials linked to their retries
+    on later pages."""
+    from search.report import retry_links
+
+    study = _study(db)
+    for i in range(3):
+        t = study.ask()
+        t.report(0.1 * i, 0)
+        t.set_user_attr("i", i)
+        study.tell(t, 0.5 + i)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)(
+        study, trial_store.frozen_trial(study, failed))  # a WAITING retry, numbered 4
+    every = study.get_trials(deepcopy=False)
+    name = study.study_name
+    pages, after = [], -1
+    while True:
+        trials, retried_as = trial_store.trial_page(db, name, after, 2)
+        if not trials:
+            break
+        pages.append((trials, retried_as))
+        after = trials[-1].number
+    assert [len(p) for p, _ in pages] == [2, 2, 1]
+    assert [t for p, _ in pages for t in p] == every
+    assert pages[1][1] == retry_links(every) == {failed.number: 4}
+    assert pages[0][1] == {} == pages[2][1]
+    assert trial_store.trial_page(db, name, 4, 10) == ([], {})
+    assert trial_store.trial_page(db, "no-such-study", -1, 10) == ([], {})
+
+
 def test_private_ids_and_storage(db):
     study = _study(db)
     trial = study.ask()
@@ -147,7 +180,6 @@ def test_resilient_storage_overrides_what_optuna_still_has():
     # Trial creation writes the buffered attributes first, through this private hook.
     params = list(inspect.signature(rdb._create_new_trial).parameters)
     assert params[:3] == ["self", "study_id", "template_trial"]
-    assert issubclass(trial_store.ResilientRDBStorage, rdb)
 
 
 def test_buffered_user_attributes_land_before_the_next_call(db):

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import STOP_REASONS, TrainConfig, fit, from_arrays, load_dataset
+from trainer import TrainConfig, fit, from_arrays, load_dataset
 from trainer.fit import DIVERGENCE_FACTOR, steps_per_epoch
 from trainer.schedules import lr_at
 
@@ -356,10 +356,6 @@ def test_grad_clip_bounds_the_first_update(digits):
 def test_monitor_must_exist_for_the_task(digits):
     with pytest.raises(ValueError, match="val_r2"):
         fit(TrainConfig(monitor="val_r2"), digits)
-
-
-def test_stop_reasons_constant():
-    assert STOP_REASONS == ("max_epochs", "early_stopped", "pruned", "diverged")
 
 
 def test_from_arrays_dataset_trains():
