@@ -20,7 +20,6 @@ from search import (
     metric_direction,
     study_name_for,
     trial_to_dict,
-    trials_to_dicts,
 )
 from search.datasets import bundled_names, bundled_task
 from search.memory import bundled_shape, largest_trial_memory, megabytes, memory_field, output_units
@@ -372,11 +371,6 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
         DB_RETRY(optuna.delete_study, study_name=name, storage=db.storage)
     with db.session() as s:
         s.delete(s.get(Job, job_id))
-
-
-def job_trials(db: Database, owner: str | None, job_id: int) -> list[dict[str, Any]]:
-    job = get_job(db, owner, job_id)
-    return trials_to_dicts(study_trials(db, job))
 
 
 def job_trials_page(db: Database, owner: str | None, job_id: int, after: int | None,

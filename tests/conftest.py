@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.spawn import cli_create_key, free_port, spawn_service, wait_healthy
+from service.spawn import free_port, spawn_service, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,24 @@ def hptune(*args: str, env: dict[str, str], check: bool = True, timeout: float =
 
 
 def create_key(env: dict[str, str], owner: str, admin: bool = False) -> str:
-    return cli_create_key(env, owner, admin, cwd=ROOT)
+    """A new API key written straight to the server's database (its schema exists once the
+    server answers): no CLI start-up per key. `hptune keys create` itself is tested in
+    tests/service/test_security.py."""
+    return create_key_in_process(env["HPTUNE_DATABASE_URL"], owner, admin)
+
+
+def create_key_in_process(url: str, owner: str, admin: bool = False) -> str:
+    from service.db import Database
+    from service.keys import create_key as store_key
+    from service.settings import Settings
+
+    db = Database(Settings(database_url=url), role="test")
+    try:
+        with db.session() as s:
+            _, secret = store_key(s, owner, admin)
+        return secret
+    finally:
+        db.dispose()
 
 
 @dataclass
@@ -52,7 +69,7 @@ class Server:
             job = client.get(f"/api/v1/jobs/{job_id}").json()
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 return job
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise AssertionError(f"job {job_id} did not finish; server log:\n{self.log()}")
 
     def log(self) -> str:

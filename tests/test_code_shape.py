@@ -24,7 +24,11 @@ FUNCTION_EXCEPTIONS: dict[str, str] = {
 }
 
 # "path" -> why it may be longer than MAX_MODULE_LINES.
-MODULE_EXCEPTIONS: dict[str, str] = {}
+MODULE_EXCEPTIONS: dict[str, str] = {
+    # By design the one module that touches Optuna's storage: split, its named SQL and the
+    # private names it relies on would no longer sit in one place that a contract test pins.
+    "service/trial_store.py": "the one home of Optuna's internals and the SQL over its tables",
+}
 
 
 def _modules() -> list[Path]:

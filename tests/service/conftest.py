@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from service.spawn import free_port, spawn_service, wait_healthy
-from tests.conftest import ROOT
+from tests.conftest import ROOT, create_key_in_process
 from tests.postgres import PostgresServer, unavailable_reason
 
 # Settings every test cluster runs with: fast crash detection and polling.
@@ -209,7 +209,7 @@ class Cluster:
 
     def client(self) -> httpx.Client:
         if self.key is None:
-            self.key = _create_key_in_process(self.url, "alice")
+            self.key = create_key_in_process(self.url, "alice")
         return httpx.Client(base_url=self.base_url, timeout=30,
                             headers={"Authorization": f"Bearer {self.key}"})
 
@@ -240,13 +240,13 @@ class Cluster:
             try:
                 job = self.job(job_id)
             except (httpx.HTTPError, AssertionError):
-                time.sleep(0.5)
+                time.sleep(0.2)
                 continue
             if job["status"] in TERMINAL and (
                 not settle or (job["counts"]["running"] == 0 and job["counts"]["waiting"] == 0)
             ):
                 return job
-            time.sleep(0.5)
+            time.sleep(0.1)
         raise AssertionError(f"job {job_id} did not end: {job}\n{self.logs()}")
 
     def wait_finished(self, job_id: int, at_least: int, timeout_s: float = 120) -> dict:
@@ -317,21 +317,6 @@ class Cluster:
 
     def all_logs(self) -> str:
         return "\n".join(p.log() for p in ([self.api] if self.api else []) + self.workers)
-
-
-def _create_key_in_process(url: str, owner: str) -> str:
-    """An API key written straight to the database (the schema must exist): no CLI start-up."""
-    from service.db import Database
-    from service.keys import create_key as store_key
-    from service.settings import Settings
-
-    db = Database(Settings(database_url=url), role="test")
-    try:
-        with db.session() as s:
-            _, secret = store_key(s, owner)
-        return secret
-    finally:
-        db.dispose()
 
 
 def _cluster_factory(tmp: Path) -> tuple[list[Cluster], object]:

@@ -16,8 +16,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.conftest import create_key, hptune, start_server, stop_server
-from tests.service.conftest import _create_key_in_process
+from tests.conftest import create_key, create_key_in_process, hptune, start_server, stop_server
 
 REQUEST_LIMIT = 4096
 IDLE_TIMEOUT_S = 1
@@ -137,7 +136,7 @@ def _close(resp: httpx.Response) -> None:
 
 
 def _queued_job(srv, owner: str) -> tuple[str, int]:
-    key = _create_key_in_process(srv.env["HPTUNE_DATABASE_URL"], owner)
+    key = create_key_in_process(srv.env["HPTUNE_DATABASE_URL"], owner)
     r = httpx.post(f"{srv.url}/api/v1/jobs", headers={"Authorization": f"Bearer {key}"},
                    json={"name": "watched", "n_trials": 2, "max_epochs": 2})
     assert r.status_code == 201, r.text

@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 from sqlalchemy import update
 
-from search import JobSpec, create_study, study_name_for
+from search import JobSpec, create_study, study_name_for, trials_to_dicts
 from search.study import STUDY_READY_ATTR, distributions, study_is_ready
 from service import jobs, reaper, scheduler
 from service.keys import create_key
@@ -108,7 +108,7 @@ def test_reaper_creates_the_study_of_a_job_left_without_one_and_the_job_runs(db)
     reaper.reap(db)
     job = jobs.get_job(db, None, job_id)
     assert job.status == "succeeded", (job.status, job.error)
-    trials = jobs.job_trials(db, "alice", job_id)
+    trials = trials_to_dicts(jobs.study_trials(db, job))
     assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in trials) == 3, trials
     assert len(trials) == 3, trials
 

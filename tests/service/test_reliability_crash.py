@@ -67,20 +67,25 @@ def _wait_running(cluster, job_id: int, n: int, timeout_s: float = 60) -> dict:
     raise AssertionError(f"fewer than {n} trials running\n{cluster.logs()}")
 
 
-def _kill_every_worker_mid_trial(cluster, job_id: int) -> tuple[set[int], float]:
-    """SIGKILL every live worker while two of the job's trials run; (their numbers, when).
-
-    Waits until each running trial has reported an epoch: by then its worker has stamped it
-    with its process identity and beaten once (a worker killed in the milliseconds before is
-    left to the heartbeat's grace period)."""
+def _wait_two_mid_trial(cluster, job_id: int) -> None:
+    """Until two of the job's trials run and each has reported an epoch: by then its worker
+    has stamped it with its process identity and beaten once."""
     deadline = time.monotonic() + 60
     while True:
         _wait_running(cluster, job_id, 2)
         running = [t for t in cluster.trials(job_id) if t["state"] == "RUNNING"]
         if len(running) >= 2 and all(t["intermediate_values"] for t in running):
-            break
+            return
         assert time.monotonic() < deadline, cluster.logs()
         time.sleep(0.05)
+
+
+def _kill_every_worker_mid_trial(cluster, job_id: int) -> tuple[set[int], float]:
+    """SIGKILL every live worker while two of the job's trials run; (their numbers, when).
+
+    Waits until each running trial has reported an epoch (a worker killed in the milliseconds
+    before is left to the heartbeat's grace period)."""
+    _wait_two_mid_trial(cluster, job_id)
     for w in cluster.live_workers():
         cluster.kill_worker(w, signal.SIGKILL)
         w.proc.wait()
@@ -93,8 +98,7 @@ def _kill_every_worker_mid_trial(cluster, job_id: int) -> tuple[set[int], float]
 def test_sigterm_hands_the_trial_back_within_an_epoch(cluster, module_backend, check_trials):
     stopped, other = cluster.live_workers()[:2]
     job_id = cluster.submit(LONG_JOB)
-    _wait_running(cluster, job_id, 2)
-    time.sleep(0.5)
+    _wait_two_mid_trial(cluster, job_id)  # both workers inside a trial's epochs
     t0 = time.monotonic()
     stopped.proc.send_signal(signal.SIGTERM)
     rc = stopped.proc.wait(timeout=15)

@@ -28,6 +28,15 @@ def _workers(c: Counter) -> Counter:
     return Counter({k: v for k, v in c.items() if k.startswith("hptune-worker-")})
 
 
+def _idle_workers(server, database: str) -> Counter:
+    """Connections per worker, counting only workers whose connections are all idle."""
+    rows = server.execute(
+        "SELECT application_name, count(*), bool_and(state = 'idle') FROM pg_stat_activity "
+        f"WHERE datname = '{database}' AND application_name LIKE 'hptune-worker-%' "
+        "GROUP BY application_name")
+    return Counter({name: n for name, n, idle in rows if idle})
+
+
 def test_connections_bounded_and_back_to_baseline(postgres_backend, cluster_factory, tiny_job,
                                                   check_trials):
     server = postgres_backend.server
@@ -35,12 +44,14 @@ def test_connections_bounded_and_back_to_baseline(postgres_backend, cluster_fact
     cluster = cluster_factory(postgres_backend.url)
     cluster.start_api()
     workers = cluster.start_workers(3)
+    # The idle baseline: every worker started, with its connections open and all idle (none
+    # in a transaction: the start-up's schema check and first reap and claim are done).
     deadline = time.monotonic() + 60
-    while not all("started" in w.log() for w in workers):
-        assert time.monotonic() < deadline, cluster.logs()
+    while not (all("started" in w.log() for w in workers)
+               and len(idle := _idle_workers(server, database)) == len(workers)):
+        assert time.monotonic() < deadline, (_connections(server, database), cluster.logs())
         time.sleep(0.2)
-    time.sleep(6)  # one idle reap round: the idle connections are all open now
-    baseline = sum(_workers(_connections(server, database)).values())
+    baseline = sum(idle.values())
 
     ids = [cluster.submit({**tiny_job, "name": f"conn-{i}"}) for i in range(3)]
     peak: Counter = Counter()
