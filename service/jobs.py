@@ -100,7 +100,7 @@ def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
     if len(active) + 1 > s.max_active_jobs_per_owner:
         raise QuotaExceeded(f"{owner} already has {len(active)} active jobs "
                             f"(quota {s.max_active_jobs_per_owner})", field="n_trials")
-    summaries = trial_summaries(db, [Job(study_name=r.study_name) for r in active], session)
+    summaries = trial_summaries(db, [r.study_name for r in active], session)
     unfinished = 0
     for r in active:
         c = summaries.get(r.study_name or "", {}).get("counts", {})
@@ -287,14 +287,15 @@ def study_trials(db: Database, job: Job) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False)
 
 
-def trial_summaries(db: Database, jobs_: list[Job], session: Any = None
+def trial_summaries(db: Database, study_names: list[str | None], session: Any = None
                     ) -> dict[str, dict[str, Any]]:
-    """Per study name: counts by state and the best COMPLETE value (max and min).
+    """Per study name (None, a job without a study yet, is skipped): counts by state and the
+    best COMPLETE value (max and min).
 
     Reads through `session` when given (one that holds a lock must not wait for a second
     pooled connection), else through a session of its own, retried.
     """
-    names = [j.study_name for j in jobs_ if j.study_name]
+    names = [n for n in study_names if n]
     out: dict[str, dict[str, Any]] = {n: {"counts": counts([]), "max": None, "min": None}
                                       for n in names}
     if not names:
@@ -316,7 +317,7 @@ def job_public(db: Database, job: Job, summary: dict[str, Any] | None = None
                ) -> dict[str, Any]:
     """A job with its counts by trial state, as the REST API shows it."""
     if summary is None:
-        summary = trial_summaries(db, [job]).get(job.study_name or "", {
+        summary = trial_summaries(db, [job.study_name]).get(job.study_name or "", {
             "counts": counts([]), "max": None, "min": None})
     c = summary["counts"]
     maximize = metric_direction(job.spec.get("metric", Metric.VAL_ACCURACY)) == Direction.MAXIMIZE
@@ -342,7 +343,7 @@ def job_public(db: Database, job: Job, summary: dict[str, Any] | None = None
 
 def jobs_public(db: Database, jobs_: list[Job]) -> list[dict[str, Any]]:
     """Several jobs with one summary query for all of them."""
-    summaries = trial_summaries(db, jobs_)
+    summaries = trial_summaries(db, [j.study_name for j in jobs_])
     return [job_public(db, j, summaries.get(j.study_name or "")) for j in jobs_]
 
 

@@ -197,21 +197,6 @@ def _evaluation_bytes(n_val: int, n_test: int, f: int, hidden: list[int], k: int
     return evaluation
 
 
-def estimate_trial_bytes(
-    n_features: int,
-    n_outputs: int,
-    n_rows: int,
-    hidden_layers: Sequence[int],
-    batch_size: int,
-    optimizer: str = "adam",
-    activation: str = Activation.RELU,
-    dropout: bool = True,
-) -> int:
-    """Peak bytes of one training run (see estimate_trial_memory)."""
-    return estimate_trial_memory(n_features, n_outputs, n_rows, hidden_layers, batch_size,
-                                 optimizer, activation, dropout).total
-
-
 def megabytes(n_bytes: int) -> str:
     """Bytes as whole megabytes (10^6), for messages."""
     return f"{math.ceil(n_bytes / 1e6):,} MB"

@@ -7,7 +7,7 @@ import pytest
 
 from trainer import DATASETS, TrainConfig, fit, from_arrays, load_dataset
 from trainer.datasets import DATASET_SHAPES
-from trainer.memory import estimate_trial_bytes, estimate_trial_memory, split_rows
+from trainer.memory import estimate_trial_memory, split_rows
 from trainer.network import output_units
 
 
@@ -78,12 +78,12 @@ def test_estimate_grows_with_what_a_trial_allocates():
     assert wider.total > 100 * base.total and wider.largest_part() == "parameters"
     assert bigger_batch.largest_part() == "activations"
     # The batch is capped at the training rows, as fit caps it.
-    assert estimate_trial_bytes(64, 10, 1797, (128,), 65_536) == estimate_trial_bytes(
-        64, 10, 1797, (128,), split_rows(1797)[0])
+    assert estimate_trial_memory(64, 10, 1797, (128,), 65_536).total == estimate_trial_memory(
+        64, 10, 1797, (128,), split_rows(1797)[0]).total
     # Adam keeps two moments per parameter, plain SGD none.
     assert (estimate_trial_memory(64, 10, 1797, (2048, 2048), 64, "adam").parameters
             > estimate_trial_memory(64, 10, 1797, (2048, 2048), 64, "sgd").parameters)
     # An (10, 2M) upload feeding a 4096-wide layer: 8e9 weights, far past any worker.
-    assert estimate_trial_bytes(2_000_000, 2, 10, (4096,), 16) > 8e9 * 4 * 5
+    assert estimate_trial_memory(2_000_000, 2, 10, (4096,), 16).total > 8e9 * 4 * 5
     with pytest.raises(ValueError, match="optimizer"):
         estimate_trial_memory(4, 3, 150, (8,), 16, optimizer="lbfgs")
