@@ -41,12 +41,16 @@ def run_trial(
     *,
     should_stop: Callable[[], object] = lambda: False,
     on_started: Callable[[optuna.Trial], None] = lambda trial: None,
+    tell_failed: Callable[[optuna.Study, optuna.Trial], None] | None = None,
 ) -> TrialOutcome:
     """Ask the study for one trial, train it epoch by epoch and tell the outcome with its reason.
 
     `should_stop` is polled once per epoch; when it answers true the trial ends as FAIL with
     reason `cancelled`. Exceptions from training propagate after the trial is told FAIL.
+    `tell_failed(study, trial)` tells a FAIL (default: study.tell); the service's workers
+    pass one that also queues the retry under the job's lock, as one step.
     """
+    tell_failed = tell_failed or _tell_fail
     trial = study.ask(fixed_distributions=distributions(spec))
     on_started(trial)
     suggest_conditional(trial, spec)
@@ -70,14 +74,18 @@ def run_trial(
     except BaseException as exc:
         trial.set_user_attr(ATTR_STOP_REASON, StopReason.FAILED)
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
-        study.tell(trial, state=TrialState.FAIL)
+        tell_failed(study, trial)
         raise
     attrs = _result_attrs(result, time.perf_counter() - started, n_train)
     reason, state = _decide(study, trial, spec, result, reporter, attrs, n_train)
     attrs[ATTR_STOP_REASON] = reason
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
-    return _tell(study, trial, state, reason, _finite_or_none(result.best_value))
+    return _tell(study, trial, state, reason, _finite_or_none(result.best_value), tell_failed)
+
+
+def _tell_fail(study: optuna.Study, trial: optuna.Trial) -> None:
+    study.tell(trial, state=TrialState.FAIL)
 
 
 @dataclass(eq=False)
@@ -194,13 +202,16 @@ def _move_to_audit(attrs: dict[str, Any], frozen: FrozenTrial, spec: JobSpec,
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, reason: StopReason,
-          value: float | None) -> TrialOutcome:
+          value: float | None,
+          tell_failed: Callable[[optuna.Study, optuna.Trial], None]) -> TrialOutcome:
     """Tell the study; a COMPLETE trial without a finite value is told PRUNED."""
     if state == TrialState.COMPLETE and value is not None:
         study.tell(trial, value)
     elif state == TrialState.COMPLETE:
         state = TrialState.PRUNED
         study.tell(trial, state=state)
+    elif state == TrialState.FAIL:
+        tell_failed(study, trial)
     else:
         study.tell(trial, state=state)
     return TrialOutcome(trial.number, state, reason, value)

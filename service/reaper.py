@@ -107,6 +107,14 @@ def _reap_quiet(db: Database) -> bool:
 
 
 def _reap_job(db: Database, job: Job) -> None:
+    """Fail the job's dead trials and queue their retries, under one hold of the job's lock:
+    a claim cannot take a failed trial's slot with a fresh sample before its retry is queued
+    (the lock is re-entrant, so retry_failed_trial and the stale callback take it again)."""
+    with db.job_lock(job.id):
+        _reap_job_locked(db, job)
+
+
+def _reap_job_locked(db: Database, job: Job) -> None:
     import datetime as _dt
 
     # Optuna storage calls (the study's reads, fail_stale_trials' reads and state changes)

@@ -140,6 +140,13 @@ class TrialRun:
         self.stopped_by = cause or StopReason.CANCELLED
         return self.stopped_by
 
+    def tell_failed(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        """Tell FAIL and queue the retry as one step under the job's lock, so no claim takes
+        the freed slot with a fresh sample in between (finish re-checks, idempotently)."""
+        with self.db.job_lock(self.claim.job_id):
+            study.tell(trial, state=TrialState.FAIL)
+            scheduler.retry_failed_trial(self.db, study, trial_store.frozen_trial(study, trial))
+
     def finish(self, outcome: TrialOutcome | None, error: BaseException | None) -> None:
         """Whatever happened: release the lock, settle the trial, then stop its heartbeat."""
         self.release_lock()

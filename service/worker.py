@@ -201,7 +201,7 @@ class Worker:
         error: BaseException | None = None
         try:
             outcome = run_trial(study, claim.spec, data, should_stop=run.should_stop,
-                                on_started=run.on_started)
+                                on_started=run.on_started, tell_failed=run.tell_failed)
             log.info("%s job %s trial %s: %s (%s)", self.name, claim.job_id, outcome.number,
                      outcome.state.name, outcome.stop_reason)
         except optuna.exceptions.UpdateFinishedTrialError as exc:
