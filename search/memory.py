@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from itertools import product
 
-from search.spec import Fixed, JobSpec
+from search.spec import JobSpec
+from search.spec_dims import Fixed
 from trainer.datasets import DATASET_SHAPES
 from trainer.memory import MemoryEstimate, estimate_trial_memory, megabytes
 from trainer.network import output_units

@@ -1,8 +1,9 @@
 """The trial runner: ask the study for one trial, train it epoch by epoch, tell its outcome.
 
-`run_trial` reads top to bottom: ask and set up, train with an `_EpochReporter` as the
-trainer's callbacks (pruner reports and the caller's stop check), then decide the outcome
-and its reason (`_decide`) and tell the study (`_tell`).
+`run_trial` reads top to bottom: ask and set up, train with the spec's objective
+(search.objectives) against a `TrialReporter` (pruner reports, the caller's stop check,
+checkpoints), then decide the outcome and its reason (`_decide`) and tell the study
+(`_tell`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search.objective_space import distributions_for
+from search.objectives import (
+    DEFAULT_OBJECTIVE,
+    EarlyStopping,
+    Objective,
+    TrialInput,
+    get_objective,
+)
 from search.optuna_internals import frozen_trial
 from search.spec import JobSpec
 from search.study import (
@@ -29,9 +37,9 @@ from search.study import (
     explain_prune,
     fixed_params,
     suggest_conditional,
-    train_config,
 )
-from trainer import Dataset, StopReason, TrainResult, fit
+from search.trial_reporter import TrialArtifacts, TrialReporter
+from trainer import Dataset, StopReason, TrainResult
 
 
 def run_trial(
@@ -42,35 +50,37 @@ def run_trial(
     should_stop: Callable[[], object] = lambda: False,
     on_started: Callable[[optuna.Trial], None] = lambda trial: None,
     tell_failed: Callable[[optuna.Study, optuna.Trial], None] | None = None,
+    artifacts: TrialArtifacts | None = None,
 ) -> TrialOutcome:
-    """Ask the study for one trial, train it epoch by epoch and tell the outcome with its reason.
+    """Ask the study for one trial, train it with the spec's objective and tell the outcome
+    with its reason.
 
     `should_stop` is polled once per epoch; when it answers true the trial ends as FAIL with
     reason `cancelled`. Exceptions from training propagate after the trial is told FAIL.
     `tell_failed(study, trial)` tells a FAIL (default: study.tell); the service's workers
-    pass one that also queues the retry under the job's lock, as one step.
+    pass one that also queues the retry under the job's lock, as one step. `artifacts` keeps
+    the trial's checkpoints (a retry resumes from its chain's latest) and its model.
     """
     tell_failed = tell_failed or _tell_fail
-    trial = study.ask(fixed_distributions=distributions(spec))
+    objective = get_objective(spec.objective)
+    trial, params = _ask(study, spec, objective)
     on_started(trial)
-    suggest_conditional(trial, spec)
-    config = train_config(spec, trial.params)
-    for key, value in fixed_params(spec).items():
-        trial.set_user_attr(f"fixed_{key}", value)
     n_train = len(data.X_train)
     by_examples = spec.pruner.resource == "examples"
     if by_examples:
         # Hyperband's largest rung depends on the dataset's size.
         study.pruner = build_pruner(spec, n_train=n_train)
-        config = replace(config,
-                         eval_every_examples=spec.pruner.report_every or n_train)
-    reporter = _EpochReporter(trial, spec.metric, should_stop,
-                              audit=_audit_draw(spec, trial.number),
-                              by_examples=by_examples, every=config.eval_every_examples or 0)
+    early = (None if objective.stops_early_itself else
+             EarlyStopping(spec.early_stopping.patience, spec.early_stopping.min_delta,
+                           spec.direction))
+    reporter = TrialReporter(trial, spec, should_stop, audit=_audit_draw(spec, trial.number),
+                             artifacts=artifacts, early=early, by_examples=by_examples,
+                             every=(spec.pruner.report_every or n_train) if by_examples else 0)
     started = time.perf_counter()
     try:
-        result = fit(config, data, on_epoch=reporter.on_epoch,
-                     on_examples=reporter.on_examples if by_examples else None)
+        result = objective.train(
+            TrialInput(params, data, spec.max_epochs, spec.metric, spec.seed, trial.number,
+                       spec), reporter)
     except BaseException as exc:
         trial.set_user_attr(ATTR_STOP_REASON, StopReason.FAILED)
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
@@ -81,66 +91,31 @@ def run_trial(
     attrs[ATTR_STOP_REASON] = reason
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+    if artifacts is not None and state == TrialState.COMPLETE:
+        onnx = objective.export_onnx(result, data)
+        if onnx is not None:
+            artifacts.save_model(trial, onnx)
     return _tell(study, trial, state, reason, _finite_or_none(result.best_value), tell_failed)
+
+
+def _ask(study: optuna.Study, spec: JobSpec, objective: Objective
+         ) -> tuple[optuna.Trial, dict[str, Any]]:
+    """A new trial (or the queued retry) and its parameters, fixed ones included; the fixed
+    ones are user attributes `fixed_<name>` too, which a retry carries over."""
+    if objective.name == DEFAULT_OBJECTIVE:
+        trial = study.ask(fixed_distributions=distributions(spec))
+        suggest_conditional(trial, spec)
+        fixed: dict[str, Any] = fixed_params(spec)
+    else:
+        dists, fixed = distributions_for(spec, objective)
+        trial = study.ask(fixed_distributions=dists)
+    for key, value in fixed.items():
+        trial.set_user_attr(f"fixed_{key}", value)
+    return trial, {**fixed, **trial.params}
 
 
 def _tell_fail(study: optuna.Study, trial: optuna.Trial) -> None:
     study.tell(trial, state=TrialState.FAIL)
-
-
-@dataclass(eq=False)
-class _EpochReporter:
-    """The trainer's callbacks for one trial: report to the pruner, poll the stop check.
-
-    Audited trials keep training after the pruner's verdict, silently: the study sees exactly
-    what it would have seen without the audit.
-    """
-
-    trial: optuna.Trial
-    metric: str
-    should_stop: Callable[[], object]
-    audit: bool
-    # Steps in examples (spec.pruner.resource "examples"): report every `every` examples.
-    by_examples: bool
-    every: int = 0
-    # The step the pruner stopped the trial at; set once.
-    pruned_at: int | None = None
-    # Whether the caller's stop check ended the trial.
-    cancelled: bool = False
-
-    def report(self, step: int, metrics: dict[str, float]) -> bool:
-        """Report the metric at `step` (in the pruner's resource); True stops the trial."""
-        value = float(metrics[self.metric])
-        # Diverged epochs are the trainer's to stop; audited trials report nothing past the
-        # pruner's verdict.
-        reportable = math.isfinite(value) and self.pruned_at is None
-        if reportable:
-            self.trial.report(value, step)
-        if self._stop_requested():
-            return True
-        if reportable and self.trial.should_prune():
-            self.pruned_at = step
-            return not self.audit
-        return False
-
-    def on_examples(self, mark: int, metrics: dict[str, float]) -> bool:
-        # A batch that passes several multiples of report_every reports once, at the last of
-        # them: never more than one database write and pruning check per mini-batch.
-        every = self.every
-        if mark != int(metrics["examples"]) // every * every:
-            return False
-        return self.report(mark, metrics)
-
-    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> bool:
-        if not self.by_examples:
-            return self.report(epoch, metrics)
-        return self._stop_requested()
-
-    def _stop_requested(self) -> bool:
-        if self.should_stop():
-            self.cancelled = True
-            return True
-        return False
 
 
 def _result_attrs(result: TrainResult, elapsed: float, n_train: int) -> dict[str, Any]:
@@ -161,7 +136,7 @@ def _result_attrs(result: TrainResult, elapsed: float, n_train: int) -> dict[str
 
 
 def _decide(study: optuna.Study, trial: optuna.Trial, spec: JobSpec, result: TrainResult,
-            reporter: _EpochReporter, attrs: dict[str, Any], n_train: int
+            reporter: TrialReporter, attrs: dict[str, Any], n_train: int
             ) -> tuple[StopReason, TrialState]:
     """The trial's stop reason and state; adds the reason's details to `attrs`."""
     if reporter.cancelled:

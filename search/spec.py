@@ -7,14 +7,29 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     Strict,
     field_validator,
     model_validator,
 )
 
+from search.spec_dims import (
+    MAX_CHOICES,
+    MAX_LAYER_WIDTH,
+    MAX_LAYERS,
+    MAX_WARM_CONFIGS,
+    MIN_REPORT_EVERY,
+    PARAM_NAME,
+    ExtraDim,
+    Fixed,
+    FixedBatchSize,
+    FloatRange,
+    IntChoices,
+    IntRange,
+    LayerWidths,
+    StrChoices,
+    _Strict,
+)
 from trainer.vocab import Activation, Direction, Metric, Optimizer, Schedule
 
 # The four core dimensions every job searches unless the spec fixes them.
@@ -31,16 +46,6 @@ OPTIMIZERS = tuple(Optimizer)
 ACTIVATIONS = tuple(Activation)
 METRICS = tuple(Metric)
 SCHEDULES = tuple(Schedule)
-
-# Bounds on what one job may ask of a worker (README, "The job spec"): every list has a
-# length, every width a ceiling, so that a trial's size is known before it runs.
-MAX_CHOICES = 32  # items of a categorical dimension's `choices`
-MAX_LAYERS = 8  # hidden layers (model.hidden_layers, search_space.n_layers.high)
-MAX_LAYER_WIDTH = 4096  # units of one hidden layer
-MAX_BATCH_SIZE = 65_536  # rows of one mini-batch
-MIN_REPORT_EVERY = 100  # examples between two reports (pruner.report_every)
-MAX_WARM_CONFIGS = 100  # warm_start.configs
-
 
 # Control characters (Cc), format characters (Cf: bidi overrides and isolates, zero-width
 # spaces and joiners, soft hyphens), lone surrogates (Cs), line and paragraph separators.
@@ -72,88 +77,6 @@ def _plain_text(text: str) -> str:
 _Name = Strict(False)
 
 
-class _Strict(BaseModel):
-    # Unknown fields are a typo the user wants to hear about, not silently drop.
-    # Strict: "5" is not a number and true is not a seed; say so rather than guess.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-
-
-class FloatRange(_Strict):
-    """A continuous dimension: uniform, or log-uniform when `log` is true."""
-
-    low: float
-    high: float
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> FloatRange:
-        if self.low > self.high:
-            raise ValueError("low must be <= high")
-        if self.log and self.low <= 0:
-            raise ValueError("low must be > 0 on a log scale")
-        return self
-
-
-class IntChoices(_Strict):
-    """A categorical dimension over integers (batch sizes, layer widths)."""
-
-    choices: list[Annotated[int, Field(gt=0, le=MAX_BATCH_SIZE)]] = Field(
-        min_length=1, max_length=MAX_CHOICES)
-
-    @field_validator("choices")
-    @classmethod
-    def _unique(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError("choices must not repeat")
-        return v
-
-
-class LayerWidths(IntChoices):
-    """Widths a hidden layer may take."""
-
-    choices: list[Annotated[int, Field(gt=0, le=MAX_LAYER_WIDTH)]] = Field(
-        min_length=1, max_length=MAX_CHOICES)
-
-
-class StrChoices(_Strict):
-    """A categorical dimension over names (optimizers, schedules, activations)."""
-
-    choices: list[Annotated[str, Field(max_length=50)]] = Field(min_length=1,
-                                                               max_length=MAX_CHOICES)
-
-    @field_validator("choices")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError("choices must not repeat")
-        return v
-
-
-class IntRange(_Strict):
-    """An integer dimension from low to high inclusive."""
-
-    low: int = Field(ge=1, le=4096)
-    high: int = Field(ge=1, le=4096)
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> IntRange:
-        if self.low > self.high:
-            raise ValueError("low must be <= high")
-        return self
-
-
-class Fixed(_Strict):
-    """A dimension held at one value."""
-
-    value: float
-
-
-class FixedBatchSize(Fixed):
-    """A batch size held at one value."""
-
-    value: float = Field(ge=1, le=MAX_BATCH_SIZE)
-
-
 class SearchSpace(_Strict):
     """Bounds of the four core dimensions; each may be fixed instead of searched."""
 
@@ -169,6 +92,10 @@ class SearchSpace(_Strict):
     activation: StrChoices | None = None
     n_layers: IntRange | None = Field(default=None, description="number of hidden layers")
     layer_width: LayerWidths | None = Field(default=None, description="width of each layer")
+    # Parameters an objective other than the built-in `mlp` declares beyond the ones above
+    # (checked against the objective's declaration when the job is created).
+    extra: dict[Annotated[str, Field(pattern=PARAM_NAME)], ExtraDim] = Field(
+        default={}, max_length=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _check_names(self) -> SearchSpace:
@@ -310,6 +237,12 @@ class JobSpec(_Strict):
 
     name: Annotated[str, AfterValidator(_plain_text)] = Field(default="job", min_length=1,
                                                               max_length=200)
+    # What a trial trains: the built-in NumPy MLP, or an installed objective's name
+    # (search.objectives; checked against what is installed when the job is created).
+    objective: Annotated[str, Field(pattern=PARAM_NAME)] = "mlp"
+    # Epochs between two checkpoints of a running trial (each pruning rung takes one too);
+    # a retried trial resumes from its trial chain's latest checkpoint.
+    checkpoint_every: int = Field(default=5, ge=1, le=1_000)
     # A bundled dataset name or the id of an uploaded one.
     dataset: Annotated[str, Field(max_length=200)] | Annotated[int, Field(ge=1, le=2**31 - 1)] = (
         "digits")

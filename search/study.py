@@ -24,7 +24,8 @@ from search.optuna_internals import (
     reduction_factor,
     threshold_bounds,
 )
-from search.spec import CORE_PARAMS, Fixed, FloatRange, IntChoices, JobSpec, PrunerSpec
+from search.spec import CORE_PARAMS, JobSpec, PrunerSpec
+from search.spec_dims import Fixed, FloatRange, IntChoices
 from trainer import Optimizer, TrainConfig
 
 # Keys of the trial user attributes that explain an outcome; the report reads them back.

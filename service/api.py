@@ -27,6 +27,7 @@ from service.metrics import metrics_registry
 from service.middleware import ApiKeyGate, BodyLimit, SecurityHeaders
 from service.routes import datasets as dataset_routes
 from service.routes import jobs as job_routes
+from service.routes import models as model_routes
 from service.routes import ops
 from service.schemas import ErrorBody
 from service.settings import Settings, get_settings
@@ -41,7 +42,7 @@ ADMIN_PATHS = ("/metrics",)
 
 # The API's routers, one per resource. FastAPI keeps an included router as one entry of
 # app.routes, so the 405 handler reads their routes from here.
-ROUTERS = (ops.router, job_routes.router, dataset_routes.router)
+ROUTERS = (ops.router, job_routes.router, model_routes.router, dataset_routes.router)
 
 
 def _reaper(db: Database, stop: threading.Event) -> None:

@@ -183,6 +183,14 @@ class Client:
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
 
+    def extend(self, job_id: int, n_trials: int) -> dict[str, Any]:
+        """Raise the job's n_trials; a succeeded job runs again, keeping its study."""
+        return self._call("PATCH", f"/api/v1/jobs/{job_id}", json={"n_trials": n_trials})
+
+    def resume(self, job_id: int) -> dict[str, Any]:
+        """Resume a cancelled job where it stopped."""
+        return self._call("POST", f"/api/v1/jobs/{job_id}/resume")
+
 
 def watch(client: Client, job_id: int, console: Console, poll_s: float = 1.0) -> dict[str, Any]:
     """Show a live progress bar until the job ends; returns the final job."""

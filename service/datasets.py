@@ -132,7 +132,7 @@ def dataset_exists(session: Any, dataset_id: int) -> bool:
 def delete_dataset(db: Database, owner: str | None, dataset_id: int) -> None:
     """Delete an uploaded dataset (`owner` None: any owner's), unless an active job uses it.
 
-    Only its owner's jobs can name it (jobs._check_spec looks datasets up owner-scoped), so
+    Only its owner's jobs can name it (job_checks.check_spec looks datasets up owner-scoped), so
     the check and the delete hold that owner's lock: a job submitted meanwhile either counts
     here or, once the dataset is gone, is refused at submission.
     """

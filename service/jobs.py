@@ -21,82 +21,33 @@ from search import (
     study_name_for,
     trial_to_dict,
 )
-from search.datasets import bundled_names, bundled_task
-from search.memory import bundled_shape, largest_trial_memory, megabytes, memory_field, output_units
 from search.spec import in_space
-from search.study import sampler_available, study_is_ready
+from search.study import study_is_ready
 from service import trial_store
 from service.db import Database
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
+from service.job_checks import check_spec
 from service.models import Job, as_utc, utcnow
 from service.repository import get_owned
 from service.retry import DB_RETRY
 from service.status import ACTIVE, JobStatus
-from trainer import Direction, Metric, Task
+from trainer import Direction, Metric
 
 log = logging.getLogger("hptune.jobs")
 
 
-def _check_spec(db: Database, owner: str, spec: JobSpec) -> None:
-    """Checks that need the settings or the database; the spec's own checks ran in pydantic."""
-    s = db.settings
-    if spec.n_trials > s.max_trials_per_job:
-        raise InvalidSpec(f"n_trials must be <= {s.max_trials_per_job}", field="n_trials")
-    if spec.max_epochs > s.max_epochs_per_trial:
-        raise InvalidSpec(f"max_epochs must be <= {s.max_epochs_per_trial}", field="max_epochs")
-    if spec.timeout_seconds is not None and spec.timeout_seconds > s.max_timeout_seconds:
-        raise InvalidSpec(f"timeout_seconds must be <= {s.max_timeout_seconds:g}",
-                          field="timeout_seconds")
-    if isinstance(spec.dataset, str):
-        if spec.dataset not in bundled_names():
-            raise InvalidSpec(
-                f"unknown dataset {spec.dataset!r}; known: {', '.join(bundled_names())} "
-                "or the integer id of an uploaded dataset", field="dataset")
-        task = bundled_task(spec.dataset)
-        shape = bundled_shape(spec.dataset)
-    else:
-        from service.datasets import get_dataset
-
-        try:
-            row = get_dataset(db, owner, spec.dataset)
-        except NotFound:
-            raise InvalidSpec(f"no dataset with id {spec.dataset}", field="dataset") from None
-        task = Task(row.task)
-        shape = (row.n_rows, row.n_features, output_units(row.task, row.n_classes))
-    missing = sampler_available(spec.sampler.name)
-    if missing:
-        raise InvalidSpec(missing, field="sampler.name")
-    allowed = task.metrics
-    if spec.metric not in allowed:
-        raise InvalidSpec(f"metric '{spec.metric}' does not fit a {task} dataset; use one of "
-                          f"{', '.join(allowed)}", field="metric")
-    _check_trial_memory(s.max_trial_bytes, spec, *shape)
-
-
-def _check_trial_memory(limit: int, spec: JobSpec, n_rows: int, n_features: int,
-                        n_outputs: int) -> None:
-    """Refuse a job whose largest trial would need more than `limit` bytes (a worker killed
-    for memory would be killed again by every retry), naming the field to shrink."""
-    estimate = largest_trial_memory(spec, n_rows, n_features, n_outputs)
-    if estimate.total > limit:
-        raise InvalidSpec(
-            f"a trial of this job may need about {megabytes(estimate.total)} of memory "
-            f"(largest part: {estimate.largest_part()}, for {n_rows} rows x {n_features} "
-            f"features), more than the limit of {megabytes(limit)} (HPTUNE_MAX_TRIAL_BYTES); "
-            "use fewer or narrower layers or smaller batches",
-            field=memory_field(spec, estimate))
-
-
-def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec) -> None:
+def _check_quota(db: Database, session: Any, owner: str, spec: JobSpec,
+                 job_id: int | None = None) -> None:
     """Refuse a job over the owner's quotas; `session` must hold the owner's lock
     (db.owner_session) and insert the job, so that no two submissions count the same room.
+    With `job_id`, that job is counted as if new with spec.n_trials (service.lifecycle).
 
     The trial quota counts every trial of the owner's active jobs that has not finished,
     queued or running: a trial that starts still holds its room until it ends.
     """
     s = db.settings
-    active = list(session.execute(select(Job.id, Job.n_trials, Job.study_name)
-                                  .where(Job.owner == owner, Job.status.in_(ACTIVE))))
+    active = [r for r in session.execute(select(Job.id, Job.n_trials, Job.study_name).where(
+        Job.owner == owner, Job.status.in_(ACTIVE))) if r.id != job_id]
     if len(active) + 1 > s.max_active_jobs_per_owner:
         raise QuotaExceeded(f"{owner} already has {len(active)} active jobs "
                             f"(quota {s.max_active_jobs_per_owner})", field="n_trials")
@@ -146,7 +97,7 @@ def create_job(db: Database, owner: str, spec: JobSpec,
     without a study, which the reaper finishes after HPTUNE_CREATION_GRACE_SECONDS
     (repair_half_created). Both create the study under the job's lock, so only one does.
     """
-    _check_spec(db, owner, spec)
+    check_spec(db, owner, spec)
     if spec.timeout_seconds is None:
         # Stored in the spec, so the job and its report say when it will end.
         spec = spec.model_copy(update={"timeout_seconds": min(
@@ -370,6 +321,9 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
     name = job.study_name or study_name_for(job.id)
     with contextlib.suppress(KeyError):
         DB_RETRY(optuna.delete_study, study_name=name, storage=db.storage)
+    from service.artifacts import delete_job_artifacts
+
+    DB_RETRY(delete_job_artifacts, db, job_id)
     with db.session() as s:
         s.delete(s.get(Job, job_id))
 

@@ -29,13 +29,14 @@ MAX_JOBS_SUMMARISED = 500
 class _Collector:
     """Reads hptune's state at scrape time in a bounded number of queries: trial counts and
     durations are aggregates over Optuna's tables; epochs saved are summed per job, and a
-    job's sum is kept once the job has ended with no trial left running (it cannot change)."""
+    job's sum is kept once the job has ended with no trial left running, until it ends again
+    (service.lifecycle may extend or resume it: its finished_at changes)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, float]] | None = None
-        self._settled: dict[int, dict[str, float]] = {}
+        self._settled: dict[tuple[int, object], dict[str, float]] = {}  # (id, finished_at)
 
     def _epochs_saved(self) -> dict[str, float]:
         with self._lock:
@@ -43,10 +44,10 @@ class _Collector:
                 return self._cached[1]
             saved = {"pruned": 0.0, "early_stopped": 0.0}
             rows, _ = jobs.list_jobs(self.db, None, limit=MAX_JOBS_SUMMARISED)
-            self._settled = {j.id: v for j, v in ((j, self._settled.get(j.id)) for j in rows)
-                             if v is not None}
+            keys = [(j.id, j.finished_at) for j in rows]
+            self._settled = {k: self._settled[k] for k in keys if k in self._settled}
             for job in rows:
-                per_job = self._settled.get(job.id) or self._job_saved(job)
+                per_job = self._settled.get((job.id, job.finished_at)) or self._job_saved(job)
                 for cause, n in per_job.items():
                     saved[cause] += n
             self._cached = (time.monotonic(), saved)
@@ -64,7 +65,7 @@ class _Collector:
                 saved[saving[0]] += saving[1]
         unfinished = any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
         if job.status in TERMINAL and not unfinished:
-            self._settled[job.id] = saved
+            self._settled[(job.id, job.finished_at)] = saved
         return saved
 
     def collect(self):

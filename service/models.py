@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -69,6 +70,22 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Artifact(Base):
+    """A trial's checkpoint or tuned model (service/artifacts.py); its bytes are `body` in
+    the database store, or a file of Optuna's FileSystemArtifactStore named by `id`."""
+
+    __tablename__ = "hptune_artifacts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    owner: Mapped[str] = mapped_column(String(100), index=True)
+    trial_number: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # checkpoint | model
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class UploadedDataset(Base):

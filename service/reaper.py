@@ -27,7 +27,7 @@ from service.jobs import (
 from service.models import Job, as_utc, utcnow
 from service.procs import WORKER_PROCESS_ATTR, process_gone
 from service.retry import DB_RETRY, is_transient
-from service.scheduler import refresh_job, retry_failed_trial, set_status
+from service.scheduler import job_status, refresh_job, retry_failed_trial, set_status
 from service.status import ACTIVE, TERMINAL, JobStatus
 from trainer import StopReason
 
@@ -164,7 +164,9 @@ def _settle_ended_jobs(db: Database) -> None:
         ended = list(s.scalars(select(Job).where(Job.study_name.in_(names),
                                                  Job.status.in_(TERMINAL))))
     for job in ended:
-        with _one_job(db, job.id):
+        with _one_job(db, job.id), db.job_lock(job.id):
+            if job_status(db, job.id) not in TERMINAL:
+                continue  # resumed or extended since (service.lifecycle): its retries run
             study = load_job_study(db, job)
             _reap_job(db, job)
             for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):

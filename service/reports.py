@@ -11,10 +11,12 @@ import optuna
 from sqlalchemy import select
 
 from search import JobSpec, build_report, trial_to_dict
+from service.artifacts import CHECKPOINT, MODEL, job_artifact_bytes
 from service.db import Database
 from service.errors import NotFound
 from service.jobs import get_job, job_public, load_job_study, study_trials
 from service.models import Job
+from service.retry import DB_RETRY
 from service.status import TERMINAL
 
 
@@ -25,7 +27,10 @@ def job_report(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
     study = load_job_study(db, job)
     public = job_public(db, job)
     public.pop("spec")
-    return build_report(study, JobSpec.model_validate(job.spec), public)
+    report = build_report(study, JobSpec.model_validate(job.spec), public)
+    stored = DB_RETRY(job_artifact_bytes, db, job.id)
+    report["artifacts"] = {"model_bytes": stored[MODEL], "checkpoint_bytes": stored[CHECKPOINT]}
+    return report
 
 
 def _job_study(db: Database, owner: str | None, job_id: int) -> tuple[Job, optuna.Study]:

@@ -166,13 +166,17 @@ def job_status(db: Database, job_id: int) -> str | None:
     return DB_RETRY(attempt)
 
 
-def set_status(db: Database, job_id: int, status: JobStatus, error: str | None) -> None:
-    """End an active job with `status` and `error`; a job already ended is left as it is."""
+def set_status(db: Database, job_id: int, status: JobStatus, error: str | None,
+               n_trials: int | None = None) -> None:
+    """End an active job with `status` and `error`; a job already ended is left as it is, and
+    so is one whose n_trials is no longer `n_trials` when given (extended meanwhile)."""
     def attempt() -> None:
+        q = update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
+        if n_trials is not None:
+            q = q.where(Job.n_trials == n_trials)
         with db.session() as s:
-            s.execute(update(Job).where(Job.id == job_id, Job.status.in_(ACTIVE))
-                      .values(status=status, error=error[:1000] if error else None,
-                              finished_at=utcnow()))
+            s.execute(q.values(status=status, error=error[:1000] if error else None,
+                               finished_at=utcnow()))
     DB_RETRY(attempt)
 
 
@@ -213,7 +217,9 @@ def refresh_job(db: Database, job_id: int) -> str | None:
         if len(crashed) > _crash_limit(db, job.n_trials):
             new, error = JobStatus.FAILED, f"{len(crashed)} trials failed"
     if new:
-        set_status(db, job_id, new, error)
+        # Settled from the trials counted against this n_trials: an extension that committed
+        # since (service.lifecycle, under the job's lock) keeps the job active.
+        set_status(db, job_id, new, error, n_trials=job.n_trials)
         return new
     return job.status
 

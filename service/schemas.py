@@ -1,11 +1,14 @@
-"""Response schemas of the REST API (request bodies are search.JobSpec)."""
+"""Response schemas of the REST API, and the body of PATCH /jobs/{id} (JobUpdate); a new
+job's body is search.JobSpec."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+
+from search import JobSpec
 
 
 class TrialCounts(BaseModel):
@@ -32,6 +35,16 @@ class JobPublic(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+
+
+class JobUpdate(BaseModel):
+    """What PATCH /api/v1/jobs/{id} changes: n_trials, upwards only (service.lifecycle)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Within the spec's own bounds (search/spec.py), so that the two never differ.
+    n_trials: Annotated[int, *JobSpec.model_fields["n_trials"].metadata] = Field(
+        description="the job's new number of trials: more than it has now")
 
 
 class JobsPublic(BaseModel):

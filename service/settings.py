@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     # Seconds an Idempotency-Key of POST /jobs or /datasets is remembered (per owner): a retry
     # within them gets the first answer (service/idempotency.py). At most 30 days.
     idempotency_seconds: int = Field(default=24 * 3600, ge=1, le=30 * 24 * 3600)
+    # Where trial checkpoints and tuned models go (service/artifacts.py): "database" (the
+    # service's own database: workers on many machines need nothing more), or a directory
+    # (Optuna's FileSystemArtifactStore; every worker and API process must see it).
+    artifact_store: str = "database"
+    # Models kept per job: those of its best this-many trials (the rest are deleted).
+    keep_models: int = Field(default=3, ge=1, le=100)
+    # Bytes of checkpoints and models one owner may keep; past it, new ones are not stored.
+    max_artifact_bytes_per_owner: int = Field(default=1 << 30, ge=1 << 20)
 
     @model_validator(mode="after")
     def _safe_for_production(self) -> Settings:

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from search import ATTR_STOP_CAUSE, StopCause, TrialOutcome
-from service import reaper, scheduler, trial_store
+from service import artifacts, reaper, scheduler, trial_store
 from service.db import Database, JobLock
 from service.errors import one_line
 from service.faults import FaultInjector
@@ -171,6 +171,7 @@ class TrialRun:
                 if frozen.state == TrialState.FAIL:
                     scheduler.retry_failed_trial(db, study, frozen)
             scheduler.refresh_job(db, self.claim.job_id)
+            artifacts.retain(db, self.claim.job_id)
         except Exception as exc:
             # The database is still away: the trial stays RUNNING without heartbeats, and the
             # reaper fails and retries it after the grace period.

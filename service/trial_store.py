@@ -289,6 +289,13 @@ _RETRY_LINKS = text(
     "JOIN studies s ON s.study_id = t.study_id "
     "WHERE s.study_name = :name AND a.key = 'retry_history'")
 _TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
+# State and first objective value of some of a study's trials (those with stored artifacts).
+_STATES_AND_VALUES = text(
+    "SELECT t.number AS number, CAST(t.state AS VARCHAR(16)) AS state, v.value AS value "
+    "FROM trials t JOIN studies s ON s.study_id = t.study_id "
+    "LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 "
+    "WHERE s.study_name = :name AND t.number IN :numbers"
+).bindparams(bindparam("numbers", expanding=True))
 # Every study's trials by state, for /metrics: one aggregate however many jobs there are.
 _TRIALS_BY_STATE = text(
     "SELECT CAST(state AS VARCHAR(16)) AS state, COUNT(*) AS n FROM trials GROUP BY state")
@@ -345,6 +352,18 @@ def retried_trial_numbers(db: Database, study_name: str) -> set[int]:
     with db.session() as s:
         histories = [json.loads(v) for v in s.scalars(_RETRY_HISTORIES, {"name": study_name})]
     return {int(h[-1]) for h in histories if h}
+
+
+def states_and_values(db: Database, study_name: str, numbers: Iterable[int]
+                      ) -> dict[int, tuple[str, float | None]]:
+    """{number: (state name, first objective value or None)} of the given trials."""
+    numbers = sorted(set(numbers))
+    if not numbers:
+        return {}
+    with db.session() as s:
+        rows = s.execute(_STATES_AND_VALUES, {"name": study_name, "numbers": numbers}).all()
+    return {int(r.number): (str(r.state), None if r.value is None else float(r.value))
+            for r in rows}
 
 
 def trial_summary_rows(db: Database, study_names: Iterable[str],

@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from search import TrialOutcome, build_sampler, load_study, run_trial
 from service import reaper, scheduler
+from service.artifacts import WorkerArtifacts
 from service.datasets import load_job_dataset
 from service.db import Database, JobLock
 from service.errors import DatabaseUnavailable, one_line
@@ -201,7 +202,8 @@ class Worker:
         error: BaseException | None = None
         try:
             outcome = run_trial(study, claim.spec, data, should_stop=run.should_stop,
-                                on_started=run.on_started, tell_failed=run.tell_failed)
+                                on_started=run.on_started, tell_failed=run.tell_failed,
+                                artifacts=WorkerArtifacts(self.db, claim.job_id, study))
             log.info("%s job %s trial %s: %s (%s)", self.name, claim.job_id, outcome.number,
                      outcome.state.name, outcome.stop_reason)
         except optuna.exceptions.UpdateFinishedTrialError as exc:

@@ -171,3 +171,119 @@ class PostgresServer:
             return self.logfile.read_text()[-3000:]
         except OSError:
             return ""
+
+
+# PgBouncer: Debian's package puts the program in /usr/sbin, which a plain user's PATH lacks.
+PGBOUNCER_PATHS = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer")
+# The configuration the tests and benchmarks run (README, "Many workers"): transaction pooling,
+# at most `default_pool_size` server connections per database, many more clients.
+PGBOUNCER_INI = """\
+[databases]
+* = host=127.0.0.1 port={pg_port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {root}/userlist.txt
+admin_users = postgres
+pool_mode = transaction
+default_pool_size = {pool_size}
+max_client_conn = {max_clients}
+logfile = {root}/pgbouncer.log
+pidfile = {root}/pgbouncer.pid
+"""
+
+
+def find_pgbouncer() -> str | None:
+    found = shutil.which("pgbouncer")
+    return found or next((p for p in PGBOUNCER_PATHS if os.path.exists(p)), None)
+
+
+def pgbouncer_unavailable_reason() -> str | None:
+    """Why no throwaway PostgreSQL plus PgBouncer can start here, or None when they can."""
+    reason = unavailable_reason()
+    if reason is None and find_pgbouncer() is None:
+        reason = ("pgbouncer not found on PATH or in /usr/sbin; install it "
+                  "(Debian: apt-get install pgbouncer)")
+    return reason
+
+
+@dataclass
+class PgBouncer:
+    """A throwaway PgBouncer in front of `server`, in transaction pooling mode; its own
+    temporary directory and free loopback port, run as `postgres` under root."""
+
+    server: PostgresServer
+    pool_size: int = 10
+    max_clients: int = 2000
+    port: int = field(default_factory=free_port)
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="hptune-pgb-")))
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30) -> PgBouncer:
+        program = find_pgbouncer()
+        if program is None:
+            raise RuntimeError(pgbouncer_unavailable_reason() or "no pgbouncer")
+        ini = self.root / "pgbouncer.ini"
+        ini.write_text(PGBOUNCER_INI.format(pg_port=self.server.port, port=self.port,
+                                            root=self.root, pool_size=self.pool_size,
+                                            max_clients=self.max_clients))
+        (self.root / "userlist.txt").write_text('"postgres" ""\n')
+        cmd = [program, str(ini)]
+        if os.geteuid() == 0:  # pgbouncer refuses to run as root
+            pw = pwd.getpwnam("postgres")
+            for p in (self.root, *self.root.iterdir()):
+                os.chown(p, pw.pw_uid, pw.pw_gid)
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited:\n{self.log()}")
+            try:
+                self.show("VERSION")
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pgbouncer did not answer:\n{self.log()}") from None
+                time.sleep(0.1)
+
+    def url(self, database: str) -> str:
+        """The SQLAlchemy URL of `database` through PgBouncer."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def show(self, what: str) -> list[dict]:
+        """`SHOW <what>` on PgBouncer's admin console (simple query protocol), as dicts."""
+        import psycopg
+        from psycopg.rows import dict_row
+
+        dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=pgbouncer"
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                             cursor_factory=psycopg.ClientCursor) as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(f"SHOW {what}")
+            return cur.fetchall() if cur.description else []
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def log(self) -> str:
+        try:
+            return (self.root / "pgbouncer.log").read_text()[-3000:]
+        except OSError:
+            return ""

@@ -14,17 +14,30 @@ read the datasets bundled with it).
 Modules: config (TrainConfig), datasets (Dataset, load_dataset, from_arrays; mnist1d
 generates MNIST-1D), network (MLP: forward/backward; its activations, losses and workspace
 buffers in the modules of those names), optimizers (step(params, grads) update rules),
-schedules (pure lr(step) functions), fit (the loop, TrainResult), vocab (the names above
-as StrEnums: Task, Activation, Optimizer, Schedule, Metric and its Direction, StopReason).
+schedules (pure lr(step) functions), fit (the loop, TrainResult), checkpoint (Checkpoint:
+a fit's whole state after an epoch, to_bytes/from_bytes as .npz with a JSON header, never
+pickle; fit(..., checkpoint_when=, on_checkpoint=) takes them, fit(..., resume=) goes on
+from one bit-identically), vocab (the names above as StrEnums: Task, Activation, Optimizer,
+Schedule, Metric and its Direction, StopReason),
+onnx_export (to_onnx: a trained MLP as ONNX that takes raw rows, the input standardisation
+inside the graph; OnnxModel runs one under onnxruntime; onnx and onnxruntime are imported
+only when these are called).
+
+    model = OnnxModel(to_onnx(result.network, feature_mean=data.feature_mean,
+                              feature_std=data.feature_std, task=data.task,
+                              class_labels=data.classes))
+    predictions, probabilities = model.predict(raw_rows)  # probabilities None for regression
 
 The trainer does not limit BLAS threads; callers that run several trainings at once (the
 service's workers) pin them, e.g. with threadpoolctl.
 """
 
+from trainer.checkpoint import Checkpoint
 from trainer.config import TrainConfig
 from trainer.datasets import DATASETS, Dataset, from_arrays, load_dataset
 from trainer.fit import TrainResult, fit
 from trainer.network import MLP
+from trainer.onnx_export import OnnxModel, to_onnx
 from trainer.vocab import (
     STOP_REASONS,
     Activation,
@@ -41,9 +54,11 @@ __all__ = [
     "MLP",
     "STOP_REASONS",
     "Activation",
+    "Checkpoint",
     "Dataset",
     "Direction",
     "Metric",
+    "OnnxModel",
     "Optimizer",
     "Schedule",
     "StopReason",
@@ -53,4 +68,5 @@ __all__ = [
     "fit",
     "from_arrays",
     "load_dataset",
+    "to_onnx",
 ]

@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from trainer.config import TrainConfig, metric_mode
+from trainer.checkpoint import Checkpoint, Counters, RunState
+from trainer.config import TrainConfig
 from trainer.datasets import Dataset
 from trainer.network import MLP, output_units
 from trainer.optimizers import make_optimizer
@@ -48,6 +49,7 @@ class TrainResult:
     monitor: str = "val_loss"
     seconds: float = 0.0  # wall time of the whole fit
     network: MLP | None = field(default=None, repr=False)  # trained model, best weights loaded
+    resumed_from_epoch: int | None = None  # the resumed checkpoint's epoch, if any
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no network)."""
@@ -62,6 +64,7 @@ class TrainResult:
             "examples_seen": self.examples_seen,
             "monitor": self.monitor,
             "seconds": self.seconds,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
 
 
@@ -121,6 +124,10 @@ def fit(
     data: Dataset,
     on_epoch: EpochCallback | None = None,
     on_examples: ExamplesCallback | None = None,
+    *,
+    checkpoint_when: Callable[[int], bool] | None = None,
+    on_checkpoint: Callable[[Checkpoint], Any] | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainResult:
     """Train a fresh network on data.X_train, monitoring the validation split.
 
@@ -147,6 +154,12 @@ def fit(
     History rows also carry "train_seconds" (the optimisation pass alone) next to
     "seconds" (the whole epoch, evaluation included). train_loss and train_accuracy are
     running means over the epoch's batches, with dropout active and without penalties.
+
+    Checkpoints (trainer.checkpoint): after an epoch that training goes on from, if
+    checkpoint_when(epoch) is true, on_checkpoint gets a Checkpoint of the whole state.
+    fit(..., resume=checkpoint) goes on from it at checkpoint.epoch + 1, bit-identically to
+    the run never interrupted; the callbacks are not called for the epochs it holds, and
+    the result's history starts with its rows.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -176,30 +189,22 @@ def fit(
 
     mask_scale = dropout.scale if dropout else None
     optimizer = make_optimizer(config, decay=[net.decay_slices])
+    state = RunState(config, data, net, optimizer, rngs)
+    step, seen, next_mark, loss_bound = state.start(resume)  # seen: examples stepped on
+    checkpoint_when = checkpoint_when if on_checkpoint is not None else None
     params, grads = [net.params], [net.grad]
     constant_lr = config.schedule == "constant" and config.warmup_epochs == 0
     X_epoch = np.empty_like(X_train)
     y_epoch = np.empty_like(y_train)
     record = np.empty(n, dtype)  # per-row correctness evidence, see MLP.count_correct
-    best_params = net.params.copy()
     classification = data.task != Task.REGRESSION
-    mode = metric_mode(config.monitor)
     l1, l2, clip = config.l1, config.l2, config.grad_clip
-
-    history: list[dict[str, float]] = []
-    best_epoch: int | None = None
-    best_value: float | None = None
-    since_best = 0
     stop_reason = StopReason.MAX_EPOCHS
     diverged_loss: float | None = None
-    loss_bound: float | None = None
-    step = 0
-    seen = 0  # training examples stepped on so far
-    every = config.eval_every_examples
-    next_mark = every  # the next multiple of `every` to evaluate at; None: never
+    history, every = state.history, config.eval_every_examples  # next_mark: every's next multiple
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        for epoch in range(1, config.max_epochs + 1):
+        for epoch in range(len(history) + 1, config.max_epochs + 1):
             t0 = time.perf_counter()
             perm = rngs.shuffle.permutation(n)
             np.take(X_train, perm, axis=0, out=X_epoch)
@@ -291,12 +296,7 @@ def fit(
                 stop_reason, diverged_loss = StopReason.DIVERGED, val["val_loss"]
                 break
 
-            value = row[config.monitor]
-            if _improves(value, best_value, mode, config.min_delta):
-                best_epoch, best_value, since_best = epoch, value, 0
-                np.copyto(best_params, net.params)
-            else:
-                since_best += 1
+            state.update(epoch, row[config.monitor])
             if mid is not None:
                 stop_reason = StopReason.PRUNED
                 break
@@ -306,12 +306,14 @@ def fit(
             if on_epoch is not None and on_epoch(epoch, dict(row)):
                 stop_reason = StopReason.PRUNED
                 break
-            if config.patience is not None and since_best >= config.patience:
+            if state.out_of_patience:
                 stop_reason = StopReason.EARLY_STOPPED
                 break
+            if checkpoint_when is not None and epoch < config.max_epochs and checkpoint_when(epoch):
+                on_checkpoint(state.capture(epoch, Counters(step, seen, next_mark, loss_bound)))
 
-        if config.restore_best and best_epoch is not None:
-            np.copyto(net.params, best_params)
+        if config.restore_best and state.best_epoch is not None:
+            np.copyto(net.params, state.best_params)
         test = net.evaluate(data.X_test, data.y_test)
     net.release_buffers()
     if classification:
@@ -320,8 +322,8 @@ def fit(
         test_metrics = {"rmse": test["rmse"], "r2": test["r2"], "loss": test["loss"]}
     return TrainResult(
         history=history,
-        best_epoch=best_epoch,
-        best_value=best_value,
+        best_epoch=state.best_epoch,
+        best_value=state.best_value,
         stop_reason=stop_reason,
         stopped_epoch=len(history),
         test_metrics=test_metrics,
@@ -330,6 +332,7 @@ def fit(
         monitor=config.monitor,
         seconds=time.perf_counter() - started,
         network=net,
+        resumed_from_epoch=None if resume is None else resume.epoch,
     )
 
 
@@ -378,11 +381,3 @@ class _Dropout:
 
     def masks(self, start: int, end: int) -> list[np.ndarray]:
         return [buf[:, start:end] for buf in self.bufs]
-
-
-def _improves(value: float, best: float | None, mode: str, min_delta: float) -> bool:
-    if not math.isfinite(value):
-        return False
-    if best is None:
-        return True
-    return value > best + min_delta if mode == "max" else value < best - min_delta

@@ -1,5 +1,5 @@
-"""Tuning jobs: submit, list, read, cancel, delete, and their trials, reports, plots and
-event stream."""
+"""Tuning jobs: submit, list, read, extend, cancel, resume, delete, and their trials, reports,
+plots and event stream."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fastapi.responses import (
 from starlette.background import BackgroundTask
 
 from search import JobSpec
-from service import idempotency, jobs, reports
+from service import idempotency, jobs, lifecycle, reports
 from service.deps import (
     DbDep,
     IdempotencyKeyDep,
@@ -32,7 +32,7 @@ from service.deps import (
 )
 from service.limits import OwnerSlots
 from service.routes import idempotent_response, next_page
-from service.schemas import ErrorBody, JobPublic, JobsPublic, TrialsPublic
+from service.schemas import ErrorBody, JobPublic, JobsPublic, JobUpdate, TrialsPublic
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
 
@@ -118,6 +118,21 @@ def delete_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> None:
 def cancel_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
     """Stop the job; its running trials stop within one epoch."""
     return jobs.job_public(db, jobs.cancel_job(db, owner, job_id))
+
+
+@router.patch("/{job_id}", response_model=JobPublic)
+def extend_job(job_id: JobId, body: JobUpdate, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """Raise the job's n_trials (never lower it), keeping its study and trials: a queued or
+    running job runs on to the new count, a succeeded one runs again. 409 for a cancelled
+    job (resume it first) or a failed one; 429 past the owner's quotas."""
+    return lifecycle.extend_job(db, owner, job_id, body.n_trials)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+    """Resume a cancelled job where it stopped: queued again with its study and trials, it
+    runs to exactly n_trials finished, with a fresh timeout window. 409 for any other status."""
+    return lifecycle.resume_job(db, owner, job_id)
 
 
 @router.get("/{job_id}/trials", response_model=TrialsPublic)

@@ -13,13 +13,8 @@ from search.memory import (
     largest_trial_memory,
     memory_field,
 )
-from search.spec import (
-    MAX_BATCH_SIZE,
-    MAX_CHOICES,
-    MAX_LAYER_WIDTH,
-    MIN_REPORT_EVERY,
-    control_character,
-)
+from search.spec import control_character
+from search.spec_dims import MAX_BATCH_SIZE, MAX_CHOICES, MAX_LAYER_WIDTH, MIN_REPORT_EVERY
 
 EXAMPLES = {"name": "successive_halving", "resource": "examples"}
 LAYERS = {"n_layers": {"low": 1, "high": 2}}

@@ -44,7 +44,7 @@ BAD_SPECS = [
 ]
 
 # Values above the limited server's settings but within the spec's hard caps: only the
-# configured bounds (jobs._check_spec) refuse them. (field, value, configured bound)
+# configured bounds (job_checks.check_spec) refuse them. (field, value, configured bound)
 OVER_CONFIGURED = [
     ("n_trials", 101, "100"),
     ("max_epochs", 101, "100"),
