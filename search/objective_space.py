@@ -21,7 +21,7 @@ from optuna.distributions import (
 )
 
 from search.objectives import DEFAULT_OBJECTIVE, Objective, Param
-from search.spec import CORE_PARAMS, JobSpec
+from search.spec import CORE_PARAMS, JobSpec, SearchSpace
 from search.spec_dims import (
     ExtraChoices,
     ExtraFixed,
@@ -67,6 +67,20 @@ def _fits(param: Param, dim: Any) -> bool:
     return param.kind == "int" and isinstance(dim, IntChoices)
 
 
+def _given(space: SearchSpace, name: str) -> bool:
+    """Whether the spec sets core dimension or MLP option `name`.
+
+    A spec read back from the database (the worker's, an extended job's) has every field set,
+    the defaults too; a core dimension at SearchSpace's default (the built-in's range) counts
+    as not given, so the objective's own default range applies in the worker as it did when
+    the job was created.
+    """
+    if name not in space.model_fields_set or getattr(space, name) is None:
+        return False
+    return name not in CORE_PARAMS or getattr(space, name) != SearchSpace.model_fields[
+        name].default
+
+
 def check_space(spec: JobSpec, objective: Objective) -> None:
     """ParamError naming the first dimension of `spec` that `objective` does not take."""
     space = spec.search_space
@@ -77,8 +91,7 @@ def check_space(spec: JobSpec, objective: Objective) -> None:
                              f"objective 'mlp' has no parameter {name!r}")
         return
     declared = objective.params
-    given = {n: getattr(space, n) for n in (*CORE_PARAMS, *MLP_OPTIONS)
-             if n in space.model_fields_set and getattr(space, n) is not None}
+    given = {n: getattr(space, n) for n in (*CORE_PARAMS, *MLP_OPTIONS) if _given(space, n)}
     given.update({n: d for n, d in space.extra.items()})
     for name, dim in given.items():
         where = f"search_space.extra.{name}" if name in space.extra else f"search_space.{name}"
@@ -97,7 +110,7 @@ def _dim_for(spec: JobSpec, name: str) -> Any:
     space = spec.search_space
     if name in space.extra:
         return space.extra[name]
-    if name in (*CORE_PARAMS, *MLP_OPTIONS) and name in space.model_fields_set:
+    if name in (*CORE_PARAMS, *MLP_OPTIONS) and _given(space, name):
         return getattr(space, name)
     return None
 

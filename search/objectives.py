@@ -125,8 +125,13 @@ class Objective(ABC):
 
 
 class UnknownObjective(LookupError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"objective {name!r} is not installed; installed: {', '.join(known)}")
+    """No installed package provides the objective, or its package cannot load here (a
+    missing optional dependency: `reason` says what to install)."""
+
+    def __init__(self, name: str, known: list[str], reason: str | None = None) -> None:
+        message = (f"objective {name!r} cannot run here: {reason}" if reason else
+                   f"objective {name!r} is not installed; installed: {', '.join(known)}")
+        super().__init__(message)
         self.name = name
 
 
@@ -150,8 +155,11 @@ def get_objective(name: str) -> Objective:
     ep = _entry_points().get(name)
     if ep is None:
         raise UnknownObjective(name, installed())
-    obj = ep.load()
-    obj = obj() if isinstance(obj, type) else obj
+    try:
+        obj = ep.load()
+        obj = obj() if isinstance(obj, type) else obj
+    except ImportError as exc:  # its package, or an extra it needs, is missing
+        raise UnknownObjective(name, installed(), reason=str(exc)) from exc
     if not isinstance(obj, Objective):
         raise TypeError(f"entry point {name!r} gives {type(obj).__name__}, not an Objective")
     return obj

@@ -24,6 +24,7 @@ from search.optuna_internals import (
     reduction_factor,
     threshold_bounds,
 )
+from search.sampler import HistorySource, WindowedTPESampler
 from search.spec import CORE_PARAMS, JobSpec, PrunerSpec
 from search.spec_dims import Fixed, FloatRange, IntChoices
 from trainer import Optimizer, TrainConfig
@@ -69,8 +70,14 @@ def sampler_available(name: str) -> str | None:
     return None
 
 
-def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler; `seed_offset` keeps parallel workers from drawing the same points."""
+def build_sampler(spec: JobSpec, seed_offset: int = 0, history: HistorySource | None = None
+                  ) -> optuna.samplers.BaseSampler:
+    """The spec's sampler; `seed_offset` keeps parallel workers from drawing the same points.
+
+    TPE is search.sampler.WindowedTPESampler: its cost per trial does not grow with the job.
+    `history` is where it reads its bounded view of the study (default: Optuna's public API;
+    the worker passes service.trial_store.BoundedHistory, which reads only the view).
+    """
     base = spec.sampler.seed if spec.sampler.seed is not None else spec.seed
     seed = (base * 1_000_003 + seed_offset) % (2**32)
     name = spec.sampler.name
@@ -92,7 +99,8 @@ def build_sampler(spec: JobSpec, seed_offset: int = 0) -> optuna.samplers.BaseSa
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
                                          warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(
+    return WindowedTPESampler(
+        history=history,
         seed=seed,
         n_startup_trials=spec.sampler.n_startup_trials,
         multivariate=True,

@@ -99,8 +99,9 @@ class _Writer:
             s.add(Artifact(id=artifact_id, job_id=job.id, owner=job.owner,
                            trial_number=self.trial_number, kind=self.kind, size=len(body),
                            body=None if self.store.files is not None else body))
-        if self.store.files is not None:
-            self.store.files.write(artifact_id, io.BytesIO(body))
+            if self.store.files is not None:
+                # Before the row commits: a write that fails leaves no row without its file.
+                self.store.files.write(artifact_id, io.BytesIO(body))
 
 
 class WorkerArtifacts:
@@ -201,7 +202,11 @@ def retain(db: Database, job_id: int) -> None:
         return
     store = ArtifactStore(db)
     keep = {a for _, a in ranked_models(db, job)[:db.settings.keep_models]}
-    drop = [a for a, _ in _rows(db, job_id, MODEL) if a not in keep]
+    models = _rows(db, job_id, MODEL)
+    # A model is saved before its trial is told: one of a trial still RUNNING (on another
+    # worker) has no value to rank yet, and is judged by the retain after its tell.
+    states = trial_store.states_and_values(db, job.study_name, [n for _, n in models])
+    drop = [a for a, n in models if a not in keep and states.get(n, ("",))[0] != "RUNNING"]
     checkpoints = _rows(db, job_id, CHECKPOINT)
     if job.status in TERMINAL:
         drop += [a for a, _ in checkpoints]

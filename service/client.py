@@ -183,6 +183,18 @@ class Client:
     def cancel(self, job_id: int) -> dict[str, Any]:
         return self._call("POST", f"/api/v1/jobs/{job_id}/cancel")
 
+    def model(self, job_id: int, trial: int | None = None) -> tuple[int, bytes]:
+        """(trial number, ONNX bytes) of the job's best stored model, or of `trial`'s."""
+        params = {} if trial is None else {"trial": trial}
+        r = self._send("GET", f"/api/v1/jobs/{job_id}/model", params=params)
+        return int(r.headers["x-hptune-trial"]), r.content
+
+    def predict(self, job_id: int, csv: bytes, trial: int | None = None) -> dict[str, Any]:
+        """Predictions of the job's model for the raw rows of a CSV body."""
+        params = {} if trial is None else {"trial": trial}
+        return self._send("POST", f"/api/v1/jobs/{job_id}/predict", params=params,
+                          content=csv, headers={"Content-Type": "text/csv"}).json()
+
     def extend(self, job_id: int, n_trials: int) -> dict[str, Any]:
         """Raise the job's n_trials; a succeeded job runs again, keeping its study."""
         return self._call("PATCH", f"/api/v1/jobs/{job_id}", json={"n_trials": n_trials})

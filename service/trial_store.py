@@ -30,6 +30,7 @@ from sqlalchemy import bindparam, delete, select, text
 from sqlalchemy.orm import selectinload
 
 from search.optuna_internals import frozen_trial, storage_of, study_id, trial_id
+from search.sampler import Window, public_history, select_view
 from service.retry import OutageBudget, is_transient
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SLOT_STATES",
+    "BoundedHistory",
     "FrozenStudy",
     "ResilientRDBStorage",
     "frozen_trial",
@@ -469,3 +471,156 @@ def trial_page(db: Database, study_name: str, after: int, limit: int
 def _frozen_from_model(storage: optuna.storages.RDBStorage, row: Any) -> FrozenTrial:
     """A FrozenTrial from Optuna's ORM row, built by Optuna's own (private) builder."""
     return storage._build_frozen_trial_from_trial_model(row)
+
+
+# --- a sampler's bounded view of a study (search.sampler), read a bounded amount at a time --
+
+def _rank_sql(type_column: str, maximize: bool) -> str:
+    """A stored value's type ranked as TPE ranks values (0 best): the good infinity, finite
+    values, then the bad infinity and NaN (which TPE ranks alike). Infinities are NULL values."""
+    best = "INF_POS" if maximize else "INF_NEG"
+    return (f"CASE CAST({type_column} AS VARCHAR(16)) WHEN '{best}' THEN 0 "
+            "WHEN 'FINITE' THEN 1 ELSE 2 END")
+
+
+def _view_queries(maximize: bool) -> dict[str, Any]:
+    order = "DESC" if maximize else "ASC"
+    return {
+        # The best COMPLETE trials by their value, ties to the lower number (TPE's order).
+        "best_complete": text(
+            "SELECT t.trial_id, t.number, CAST(t.state AS VARCHAR(16)) AS state FROM trials t "
+            "JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 "
+            "WHERE t.study_id = :study_id AND CAST(t.state AS VARCHAR(16)) = 'COMPLETE' "
+            f"ORDER BY {_rank_sql('v.value_type', maximize)}, v.value {order}, t.number "
+            "LIMIT :k"),
+        # The best PRUNED trials as TPE ranks them: latest last step first, then the value
+        # there; trials that reported nothing last.
+        "best_pruned": text(
+            "SELECT t.trial_id, t.number, CAST(t.state AS VARCHAR(16)) AS state FROM trials t "
+            "LEFT JOIN (SELECT iv.trial_id AS trial_id, MAX(iv.step) AS step "
+            "  FROM trial_intermediate_values iv JOIN trials p ON p.trial_id = iv.trial_id "
+            "  WHERE p.study_id = :study_id AND CAST(p.state AS VARCHAR(16)) = 'PRUNED' "
+            "  GROUP BY iv.trial_id) ls ON ls.trial_id = t.trial_id "
+            "LEFT JOIN trial_intermediate_values v ON v.trial_id = t.trial_id "
+            "AND v.step = ls.step "
+            "WHERE t.study_id = :study_id AND CAST(t.state AS VARCHAR(16)) = 'PRUNED' "
+            "ORDER BY CASE WHEN ls.step IS NULL THEN 1 ELSE 0 END, ls.step DESC, "
+            f"{_rank_sql('v.intermediate_value_type', maximize)}, "
+            f"v.intermediate_value {order}, t.number LIMIT :k"),
+    }
+
+
+_VIEW_QUERIES = {maximize: _view_queries(maximize) for maximize in (False, True)}
+_STUDY_ID_OF = text("SELECT study_id FROM studies WHERE study_name = :name")
+_MAX_TRIAL_ID = text("SELECT MAX(trial_id) FROM trials WHERE study_id = :study_id")
+_RECENT_FINISHED = text(
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE study_id = :study_id AND CAST(state AS VARCHAR(16)) IN ('COMPLETE', 'PRUNED') "
+    "ORDER BY number DESC LIMIT :k")
+# RUNNING and WAITING trials: as many as the job's workers and queued retries.
+_UNFINISHED = text(
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE study_id = :study_id AND CAST(state AS VARCHAR(16)) IN ('RUNNING', 'WAITING')")
+# What changed since the last read: trials created since, and those unfinished then.
+_CHANGED_SINCE = text(
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE study_id = :study_id AND (trial_id > :after OR trial_id IN :watch)"
+).bindparams(bindparam("watch", expanding=True))
+
+
+class BoundedHistory:
+    """The sampler's view of one study (search.sampler: best, recent and running trials),
+    read from the database a bounded amount per ask: a history source for build_sampler.
+
+    The first read loads only the view's trials, picked by SQL; later reads load only what
+    changed since (trials created since, and those unfinished then) and keep the view in
+    memory, which works because a view of old and new trials is the view of all (see
+    search.sampler.select_view). If more changed than a view holds (the worker was away),
+    the view is read afresh. A worker keeps one per open study (service/worker.py), across the
+    re-seeded samplers of its trials.
+    """
+
+    def __init__(self, db: Database, study_name: str) -> None:
+        self.db = db
+        self.study_name = study_name
+        self._study_id: int | None = None
+        self._after = 0  # the highest trial id read
+        self._watch: set[int] = set()  # ids of the trials unfinished at the last read
+        self._kept: dict[int, FrozenTrial] = {}  # the view's finished trials, by number
+        # Trials built from rows: at the last read, and in all (tests and benchmarks read them).
+        self.last_loaded = 0
+        self.loaded = 0
+
+    def __call__(self, study: optuna.Study, window: Window) -> list[FrozenTrial]:
+        if study.study_name != self.study_name:
+            raise ValueError(f"history of {self.study_name!r} asked for {study.study_name!r}")
+        if len(study.directions) > 1:
+            return public_history(study, window)
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        storage = self.db.storage
+        return storage._call(lambda: self._read(storage, maximize, window))
+
+    def _read(self, storage: optuna.storages.RDBStorage, maximize: bool, window: Window
+              ) -> list[FrozenTrial]:
+        session = storage.scoped_session()
+        try:
+            rows = self._changes(session, window) if self._study_id is not None else None
+            if rows is None:
+                rows = self._view_rows(session, maximize, window)
+            running = sorted((r for r in rows if r.state == "RUNNING"),
+                             key=lambda r: -r.number)[:window.running]
+            wanted = {r.trial_id for r in rows if r.state in ("COMPLETE", "PRUNED")}
+            trials = _load_for_sampler(storage, session, wanted | {r.trial_id for r in running})
+            session.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                session.rollback()
+            raise
+        finally:
+            session.close()
+        self._after = max([self._after, *(r.trial_id for r in rows)])
+        self._watch = {r.trial_id for r in rows if r.state in ("RUNNING", "WAITING")}
+        self.last_loaded = len(trials)
+        self.loaded += len(trials)
+        self._kept.update((t.number, t) for t in trials if t.state.is_finished())
+        running_now = [t for t in trials if not t.state.is_finished()]
+        view = select_view([*self._kept.values(), *running_now], maximize, window)
+        self._kept = {t.number: t for t in view if t.state.is_finished()}
+        return view
+
+    def _changes(self, session: Any, window: Window) -> list[Any] | None:
+        """Rows of the trials created or unfinished since the last read; None if more than
+        a view holds changed (then the view is read afresh)."""
+        rows = session.execute(_CHANGED_SINCE, {"study_id": self._study_id, "after": self._after,
+                                                "watch": sorted(self._watch)}).all()
+        return rows if len(rows) <= window.recent + window.running else None
+
+    def _view_rows(self, session: Any, maximize: bool, window: Window) -> list[Any]:
+        """Rows of the view's trials, picked by SQL, and of every unfinished trial."""
+        study_id = self._study_id
+        if study_id is None:
+            study_id = self._study_id = int(session.execute(
+                _STUDY_ID_OF, {"name": self.study_name}).scalar_one())
+        self._kept = {}
+        self._after = int(session.execute(_MAX_TRIAL_ID, {"study_id": study_id}).scalar() or 0)
+        rows: list[Any] = []
+        for query, k in ((_VIEW_QUERIES[maximize]["best_complete"], window.best),
+                         (_VIEW_QUERIES[maximize]["best_pruned"], window.best),
+                         (_RECENT_FINISHED, window.recent)):
+            rows += session.execute(query, {"study_id": study_id, "k": k}).all()
+        return rows + session.execute(_UNFINISHED, {"study_id": study_id}).all()
+
+
+def _load_for_sampler(storage: optuna.storages.RDBStorage, session: Any, ids: set[int]
+                      ) -> list[FrozenTrial]:
+    """The trials `ids` as FrozenTrials, in one query per relation (as trial_page loads)."""
+    if not ids:
+        return []
+    rows = (session.query(models.TrialModel)
+            .options(selectinload(models.TrialModel.params),
+                     selectinload(models.TrialModel.values),
+                     selectinload(models.TrialModel.system_attributes),
+                     selectinload(models.TrialModel.intermediate_values),
+                     selectinload(models.TrialModel.user_attributes))
+            .filter(models.TrialModel.trial_id.in_(sorted(ids))).all())
+    return [_frozen_from_model(storage, r) for r in rows]

@@ -26,7 +26,7 @@ import optuna
 from threadpoolctl import threadpool_limits
 
 from search import TrialOutcome, build_sampler, load_study, run_trial
-from service import reaper, scheduler
+from service import reaper, scheduler, trial_store
 from service.artifacts import WorkerArtifacts
 from service.datasets import load_job_dataset
 from service.db import Database, JobLock
@@ -72,13 +72,20 @@ class Worker:
         self._identity = process_identity()
 
     def _study(self, claim: scheduler.Claim) -> optuna.Study:
-        """The claim's study, with a sampler seeded by the claim number."""
+        """The claim's study, with a sampler seeded by the claim number.
+
+        TPE reads its bounded view of the study through a trial_store.BoundedHistory, which
+        lives as long as the open study (on its sampler): each trial's new sampler takes it
+        over, so every ask reads only what changed since the last.
+        """
         study = self._studies.pop(claim.study_name, None)
         if study is None:
             study = load_study(claim.spec, self.db.storage, claim.study_name,
                                claim.claim_number)
-        else:
-            study.sampler = build_sampler(claim.spec, claim.claim_number)
+        history = getattr(study.sampler, "history", None)
+        if not isinstance(history, trial_store.BoundedHistory):
+            history = trial_store.BoundedHistory(self.db, claim.study_name)
+        study.sampler = build_sampler(claim.spec, claim.claim_number, history=history)
         self._studies[claim.study_name] = study
         while len(self._studies) > STUDY_CACHE_SIZE:
             self._studies.pop(next(iter(self._studies)))

@@ -9,6 +9,7 @@ import pytest
 
 from search import JobSpec
 from search.study import train_config
+from tests.conftest import hptune
 from trainer import OnnxModel, fit, load_dataset
 
 CLASSIFY = {"name": "model-digits", "dataset": "digits", "n_trials": 5, "max_epochs": 4,
@@ -84,7 +85,8 @@ def test_downloaded_model_matches_the_trainer(server, spec):
 
 def test_models_kept_for_the_best_trials_only(server):
     client = server.client("keeper")
-    job = _finished_job(server, client, {**CLASSIFY, "n_trials": 6, "name": "keep"})
+    job = _finished_job(server, client, {**CLASSIFY, "n_trials": 40, "max_epochs": 2,
+                                         "name": "keep"})
     trials = client.get(f"/api/v1/jobs/{job['id']}/trials").json()["data"]
     complete = sorted((t for t in trials if t["state"] == "COMPLETE"),
                       key=lambda t: -t["value"])
@@ -131,3 +133,28 @@ def test_unknown_objective_is_refused_by_name(server):
     r = client.post("/api/v1/jobs", json={
         **CLASSIFY, "search_space": {"extra": {"depth": {"kind": "int", "low": 1, "high": 3}}}})
     assert r.status_code == 422 and "depth" in r.text, r.text
+
+
+def test_cli_downloads_the_model_and_predicts(server, tmp_path):
+    client = server.client("cli-modeler")
+    job = _finished_job(server, client, {**CLASSIFY, "n_trials": 3, "name": "cli"})
+    env = {**server.env, "HPTUNE_URL": server.url, "HPTUNE_API_KEY": server.keys["cli-modeler"]}
+    out = tmp_path / "model.onnx"
+    done = hptune("model", str(job["id"]), "-o", str(out), env=env)
+    assert "trial" in done.stderr
+    assert out.read_bytes() == client.get(f"/api/v1/jobs/{job['id']}/model").content
+
+    data = load_dataset("digits", seed=0)
+    raw = data.X_test[:7] * data.feature_std + data.feature_mean
+    csv = tmp_path / "rows.csv"
+    np.savetxt(csv, raw, delimiter=",")
+    done = hptune("predict", str(job["id"]), str(csv), env=env)
+    lines = done.stdout.strip().splitlines()
+    predictions, probabilities = OnnxModel(out.read_bytes()).predict(raw)
+    assert [int(line.split(",")[0]) for line in lines] == predictions.tolist()
+    got = np.array([[float(v) for v in line.split(",")[1:]] for line in lines])
+    np.testing.assert_allclose(got, probabilities, rtol=1e-5, atol=1e-6)
+
+    # Errors name the problem, exit non-zero and print no traceback.
+    bad = hptune("model", "999999", "-o", str(out), env=env, check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "999999" in bad.stderr
