@@ -120,6 +120,8 @@ def _tell_fail(study: optuna.Study, trial: optuna.Trial) -> None:
 
 def _result_attrs(result: TrainResult, elapsed: float, n_train: int) -> dict[str, Any]:
     """The user attributes every trained trial records, whatever its outcome."""
+    # An objective that does not count examples (reporter.result) trained whole epochs.
+    examples = result.examples_seen or result.stopped_epoch * n_train
     attrs: dict[str, Any] = {
         ATTR_STOPPED_EPOCH: result.stopped_epoch,
         ATTR_BEST_EPOCH: result.best_epoch,
@@ -127,8 +129,8 @@ def _result_attrs(result: TrainResult, elapsed: float, n_train: int) -> dict[str
         "epoch_seconds": round(elapsed / max(result.stopped_epoch, 1), 5),
         "best_value": _finite_or_none(result.best_value),
         "curves": _curves(result.history),
-        "examples_seen": result.examples_seen,
-        "epochs_trained": round(result.examples_seen / n_train, 4),
+        "examples_seen": examples,
+        "epochs_trained": round(examples / n_train, 4),
     }
     for key, value in result.test_metrics.items():
         attrs[f"test_{key}"] = _finite_or_none(value)

@@ -23,12 +23,12 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
-    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.pg_locks import LOCK_TIMEOUT_MS, take_xact_lock
 from service.retry import DB_RETRY, is_connection_error, is_transient, unavailable
 from service.settings import Settings
 from service.trial_store import ResilientRDBStorage
@@ -43,7 +43,7 @@ API_RETRY_SECONDS = 2.0
 # A new PostgreSQL connection gives up after this long (an outage must fail fast, not hang).
 PG_CONNECT_TIMEOUT_S = 5
 # Longest wait for another process's hold on a job's claim lock.
-PG_LOCK_TIMEOUT_MS = 30_000
+PG_LOCK_TIMEOUT_MS = LOCK_TIMEOUT_MS
 # Names hptune's locks among PostgreSQL advisory locks (two-key form: class, key): a job's
 # claim lock (key: the job id) and an owner's submission lock (key: a hash of the owner).
 PG_JOB_LOCK_CLASS = 0x6870  # "hp"
@@ -62,6 +62,11 @@ def engine_kwargs(settings: Settings, application_name: str | None = None) -> di
     if application_name and settings.database_url.startswith("postgresql"):
         # Shows in pg_stat_activity, so operators can count each process's connections.
         connect_args["application_name"] = application_name[:63]
+    if settings.database_pooler == "transaction":
+        # psycopg prepares a statement after 5 runs, on one server connection; behind a
+        # transaction pooler the next run may land on another (PgBouncer < 1.21: "prepared
+        # statement does not exist"). Every engine of the process, Optuna's too, goes here.
+        connect_args["prepare_threshold"] = None
     return {
         # A pooled connection that died in an outage is replaced on checkout, not handed out.
         "pool_pre_ping": True,
@@ -169,7 +174,7 @@ class JobLock:
         conn = db.engine.connect()
         try:
             conn.begin()
-            _pg_xact_lock(conn, PG_JOB_LOCK_CLASS, self.job_id)
+            _pg_xact_lock(db, lambda: conn, conn.rollback, PG_JOB_LOCK_CLASS, self.job_id)
         except BaseException as exc:
             _close_quietly(conn)
             if isinstance(exc, SQLAlchemyError) and is_transient(exc):
@@ -198,10 +203,12 @@ class JobLock:
             db._job_rlock(self.job_id).release()
 
 
-def _pg_xact_lock(conn: Connection, lock_class: int, key: int) -> None:
-    """Take an advisory lock held until `conn`'s transaction ends, waiting PG_LOCK_TIMEOUT_MS."""
-    conn.execute(text(f"SET LOCAL lock_timeout = {PG_LOCK_TIMEOUT_MS}"))
-    conn.execute(text("SELECT pg_advisory_xact_lock(:c, :k)"), {"c": lock_class, "k": key})
+def _pg_xact_lock(db: Database, connection: Callable[[], Connection],
+                  rollback: Callable[[], None], lock_class: int, key: int) -> None:
+    """Take an advisory lock held until the connection's transaction ends, waiting at most
+    PG_LOCK_TIMEOUT_MS; polled behind a transaction pooler (service/pg_locks.py)."""
+    take_xact_lock(connection, rollback, (lock_class, key), what=f"lock {lock_class}/{key}",
+                   poll=db.settings.database_pooler == "transaction")
 
 
 def _owner_lock_key(owner: str) -> int:
@@ -299,7 +306,8 @@ class Database:
         try:
             with self.session() as s:
                 if not self.settings.is_sqlite:
-                    _pg_xact_lock(s.connection(), PG_OWNER_LOCK_CLASS, _owner_lock_key(owner))
+                    _pg_xact_lock(self, s.connection, s.rollback, PG_OWNER_LOCK_CLASS,
+                                  _owner_lock_key(owner))
                 yield s
         finally:
             self._sqlite_owner_lock.release()

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 import migrations
 from service.db import Database
+from service.pg_locks import take_xact_lock
 
 # Arbitrary constant naming hptune's schema lock among PostgreSQL advisory locks.
 PG_ADVISORY_LOCK_ID = 0x68707475  # "hptu"
@@ -39,6 +40,15 @@ def _schema_lock(db: Database, conn: Connection) -> Iterator[None]:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+    elif db.settings.database_pooler == "transaction":
+        # Behind a transaction pooler a session lock would stay with whichever server
+        # connection took it: a transaction-scoped one, held open until the upgrade is done.
+        take_xact_lock(lambda: conn, conn.rollback, (PG_ADVISORY_LOCK_ID,), poll=True,
+                       what="the schema upgrade lock")
+        try:
+            yield
+        finally:
+            conn.rollback()
     else:
         conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_ADVISORY_LOCK_ID})
         conn.commit()

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # SQLAlchemy pool per process (PostgreSQL; SQLite uses its own defaults).
     pool_size: int = Field(default=5, ge=1)
     max_overflow: int = Field(default=5, ge=0)
+    # "transaction" when HPTUNE_DATABASE_URL goes through a transaction pooler (PgBouncer's
+    # pool_mode = transaction): no prepared statements, and lock waits that poll instead of
+    # holding one of the pooler's server connections while they wait (service/pg_locks.py).
+    database_pooler: Literal["none", "transaction"] = "none"
     # Seconds a worker keeps retrying a database call through an outage before it gives the
     # call up (a trial whose result cannot be stored is then failed and retried by the reaper).
     db_retry_seconds: float = Field(default=60.0, ge=0)
@@ -104,6 +108,8 @@ class Settings(BaseSettings):
             raise ValueError("HPTUNE_GRACE_PERIOD must be greater than HPTUNE_HEARTBEAT_INTERVAL")
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("HPTUNE_DATABASE_URL must be PostgreSQL when environment=production")
+        if self.database_pooler != "none" and self.is_sqlite:
+            raise ValueError("HPTUNE_DATABASE_POOLER is for PostgreSQL URLs, not SQLite")
         if self.pool_size + self.max_overflow < 2:
             # A worker holds a job's claim lock on one connection while it counts on another.
             raise ValueError("HPTUNE_POOL_SIZE + HPTUNE_MAX_OVERFLOW must be at least 2")

@@ -521,10 +521,13 @@ _RECENT_FINISHED = text(
 _UNFINISHED = text(
     "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
     "WHERE study_id = :study_id AND CAST(state AS VARCHAR(16)) IN ('RUNNING', 'WAITING')")
-# What changed since the last read: trials created since, and those unfinished then.
+# What changed since the last read: trials created since, and those unfinished then. Two
+# index ranges (the study's index holds the trial id), where an OR would scan the study.
 _CHANGED_SINCE = text(
     "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
-    "WHERE study_id = :study_id AND (trial_id > :after OR trial_id IN :watch)"
+    "WHERE study_id = :study_id AND trial_id > :after UNION ALL "
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE study_id = :study_id AND trial_id IN :watch AND trial_id <= :after"
 ).bindparams(bindparam("watch", expanding=True))
 
 

@@ -215,7 +215,7 @@ def test_onnx_matches_torch_on_raw_rows(objective, dataset):
         out = result.network(torch.as_tensor(data.X_test)).double()
     if data.task == "regression":
         assert probabilities is None
-        assert np.max(np.abs(predictions - out[:, 0].numpy())) < 1e-4
+        assert np.max(np.abs(predictions - out[:, 0].numpy())) < 1e-5
         return
     expected = torch.softmax(out, dim=1).numpy()
     assert probabilities.shape == (len(raw), data.n_classes)
@@ -237,7 +237,7 @@ def test_onnx_predicts_the_datasets_own_labels():
 
 
 @needs_torch
-def test_cnn_refuses_tables(digits):
+def test_cnn_refuses_tables():
     wine = load_dataset("wine", seed=0)
     with pytest.raises(ValueError, match="square images"):
         _trained("torch_cnn", wine)

@@ -67,6 +67,8 @@ def test_installed_objective_runs_a_job(plugin_server, check_trials):
         assert set(t["params"]) == {"learning_rate", "weight_decay", "l1_ratio"}, t
         assert 0.0 <= t["params"]["l1_ratio"] <= 0.5
         assert 0.01 <= t["params"]["learning_rate"] <= 0.3
+        # It counts no examples: the runner records the whole epochs it trained.
+        assert t["details"]["epochs_trained"] == t["stopped_epoch"] > 0, t
     assert max(t["value"] for t in finished if t["value"] is not None) > 0.8
     report = client.get(f"/api/v1/jobs/{job['id']}/report").json()
     assert report["best_trial"]["number"] in {t["number"] for t in finished}
