@@ -14,6 +14,7 @@ from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
     FloatDistribution,
+    IntDistribution,
 )
 from optuna.trial import FrozenTrial, TrialState
 
@@ -243,7 +244,7 @@ def create_study(spec: JobSpec, storage: optuna.storages.BaseStorage, name: str,
     study.set_user_attr("pruner", spec.pruner.model_dump(mode="json"))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
-    searched = distributions(spec)
+    searched = searched_distributions(spec)
     configs = [*spec.warm_start.configs, *warm_configs]
     if not configs and spec.warm_start.center:
         configs = [center_config(spec)]
@@ -267,18 +268,37 @@ def study_is_ready(storage: optuna.storages.BaseStorage, name: str, spec: JobSpe
     return bool(attrs.get(STUDY_READY_ATTR)) and attrs.get("spec") == spec.model_dump(mode="json")
 
 
-def center_config(spec: JobSpec) -> dict[str, Any]:
-    """The centre of the spec's searched core dimensions: the geometric middle of a log
-    range, the middle of a linear one, the middle choice (the lower of two middles)."""
+def searched_distributions(spec: JobSpec, objective: Any = None
+                           ) -> dict[str, BaseDistribution]:
+    """What a trial of the spec samples up front: the core dimensions for the built-in
+    objective, the declared parameters (in the spec's or their default ranges) for another
+    (`objective`: the spec's, looked up by name unless given)."""
+    from search.objective_space import distributions_for
+    from search.objectives import DEFAULT_OBJECTIVE, get_objective
+
+    if spec.objective == DEFAULT_OBJECTIVE:
+        return distributions(spec)
+    return distributions_for(spec, objective or get_objective(spec.objective))[0]
+
+
+def center_config(spec: JobSpec, objective: Any = None) -> dict[str, Any]:
+    """The centre of the spec's searched dimensions: the geometric middle of a log range, the
+    middle of a linear one (rounded down for integers), the middle choice (the lower of two
+    middles)."""
     out: dict[str, Any] = {}
-    for name, dist in distributions(spec).items():
+    for name, dist in searched_distributions(spec, objective).items():
         if isinstance(dist, FloatDistribution):
             if dist.log:
                 out[name] = math.sqrt(dist.low * dist.high)
             else:
                 out[name] = (dist.low + dist.high) / 2
+        elif isinstance(dist, IntDistribution):
+            out[name] = (dist.low + dist.high) // 2
         else:
-            choices = sorted(dist.choices)
+            try:
+                choices = sorted(dist.choices)
+            except TypeError:  # names and numbers mixed: the order given
+                choices = list(dist.choices)
             out[name] = choices[(len(choices) - 1) // 2]
     return out
 

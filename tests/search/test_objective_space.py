@@ -58,3 +58,14 @@ def test_undeclared_or_mistyped_dimensions_are_named(space, field):
         with pytest.raises(ParamError) as info:
             check_space(s, Declared())
         assert info.value.field == field
+
+
+def test_first_trial_is_the_centre_of_the_declared_ranges():
+    """The warm-start centre of a plug-in's job lies in its own ranges, not the built-in's
+    (learning_rate's default range differs; l1_ratio is the plug-in's alone)."""
+    from search.study import center_config
+
+    spec = JobSpec.model_validate({"objective": "declared"})
+    for s in (spec, _stored(spec)):
+        centre = center_config(s, Declared())
+        assert centre == pytest.approx({"learning_rate": (1e-3 * 1.0) ** 0.5, "l1_ratio": 0.5})
