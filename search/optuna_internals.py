@@ -24,6 +24,12 @@ def study_id(study: Any) -> int:
     return int(study._study_id)
 
 
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """Ids of the study's RUNNING trials whose heartbeat is older than the storage's grace
+    period (what optuna.storages.fail_stale_trials would fail)."""
+    return list(storage_of(study)._get_stale_trial_ids(study._study_id))
+
+
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
     """The storage a study reads and writes through (Optuna wraps an RDBStorage in a cache)."""
     return study._storage

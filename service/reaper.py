@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 from sqlalchemy import select
 
@@ -107,51 +107,67 @@ def _reap_quiet(db: Database) -> bool:
 
 
 def _reap_job(db: Database, job: Job) -> None:
-    """Fail the job's dead trials and queue their retries, under one hold of the job's lock:
-    a claim cannot take a failed trial's slot with a fresh sample before its retry is queued
-    (the lock is re-entrant, so retry_failed_trial and the stale callback take it again)."""
+    """Fail the job's dead trials and queue their retries.
+
+    Looked for without the job's lock; only when something is found are the trials failed
+    and their retries queued, under one hold of that lock: a claim cannot take a failed
+    trial's slot with a fresh sample before its retry is queued (the lock is re-entrant, so
+    retry_failed_trial takes it again). A round that finds nothing holds no lock.
+    """
+    # Optuna storage calls ride out outages themselves (ResilientRDBStorage); plain SQL goes
+    # through DB_RETRY.
+    study = load_job_study(db, job)
+    dead = _dead_trials(db, job, study)
+    if not dead and not _unretried_failures(db, job, study):
+        return
     with db.job_lock(job.id):
-        _reap_job_locked(db, job)
+        for trial_id, error in dead.items():
+            fail_trial(db, study, trial_id, error=error)
+        for t in _unretried_failures(db, job, study):  # the ones just failed among them
+            retry_failed_trial(db, study, t)
 
 
-def _reap_job_locked(db: Database, job: Job) -> None:
+def _dead_trials(db: Database, job: Job, study: optuna.Study) -> dict[int, str]:
+    """{trial id: why} of the job's RUNNING trials whose worker is dead: its process is gone
+    (seen from this host: no grace), its heartbeat stopped (the grace period), or it never
+    beat at all (died right after creating the trial)."""
     import datetime as _dt
 
-    # Optuna storage calls (the study's reads, fail_stale_trials' reads and state changes)
-    # ride out outages themselves (ResilientRDBStorage); plain SQL goes through DB_RETRY.
-    study = load_job_study(db, job)
+    dead: dict[int, str] = {}
     if db.settings.reap_gone_processes:
-        # Trials whose worker process this host can see is gone: FAIL at once, no grace.
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             identity = t.system_attrs.get(WORKER_PROCESS_ATTR)
             if identity and process_gone(identity):
-                fail_trial(db, study, trial_store.trial_id(t),
-                           error="its worker process is gone")
-                # the retry follows below
-    # Heartbeat-stale trials: FAIL, then the storage's callback queues their retry.
-    optuna.storages.fail_stale_trials(study)
-    # Trials that never beat at all (the worker died right after creating them).
+                dead[trial_store.trial_id(t)] = "its worker process is gone"
+    for trial_id in trial_store.stale_trial_ids(study):
+        dead.setdefault(trial_id, "its heartbeat stopped for the grace period")
     grace = _dt.timedelta(seconds=db.settings.grace_period)
     for trial_id in DB_RETRY(trial_store.running_trials_without_heartbeat, db, job.study_name):
         t = trial_store.storage_of(study).get_trial(trial_id)
         if t.datetime_start is not None and _dt.datetime.now() - t.datetime_start > grace:
-            fail_trial(db, study, trial_id, error="the worker died before its first heartbeat")
-            # the retry follows below
-    # FAIL trials without a retry: a worker or reaper that died between failing a trial and
-    # queueing its retry, or a retry that found no free slot then. Chains at their retry
-    # limit are left alone (their slot goes to a fresh sample).
-    if job.status in ACTIVE:
-        retried = DB_RETRY(trial_store.retried_trial_numbers, db, job.study_name)
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        handed_back = {t.number for t in failed
-                       if t.user_attrs.get(ATTR_STOP_CAUSE) == StopCause.HANDED_BACK}
-        for t in failed:
-            if t.number in retried:
-                continue
-            chain = [*(t.system_attrs.get("retry_history") or []), t.number]
-            if len(chain) > db.settings.max_trial_retries + len(handed_back.intersection(chain)):
-                continue
-            retry_failed_trial(db, study, t)
+            dead.setdefault(trial_id, "the worker died before its first heartbeat")
+    return dead
+
+
+def _unretried_failures(db: Database, job: Job, study: optuna.Study) -> list[FrozenTrial]:
+    """FAIL trials of an active job without a retry: just failed, or a worker or reaper died
+    between failing one and queueing its retry, or a retry found no free slot then. Chains
+    at their retry limit are left alone (their slot goes to a fresh sample)."""
+    if job.status not in ACTIVE:
+        return []
+    retried = DB_RETRY(trial_store.retried_trial_numbers, db, job.study_name)
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    handed_back = {t.number for t in failed
+                   if t.user_attrs.get(ATTR_STOP_CAUSE) == StopCause.HANDED_BACK}
+    out = []
+    for t in failed:
+        if t.number in retried:
+            continue
+        chain = [*(t.system_attrs.get("retry_history") or []), t.number]
+        if len(chain) > db.settings.max_trial_retries + len(handed_back.intersection(chain)):
+            continue
+        out.append(t)
+    return out
 
 
 def _settle_ended_jobs(db: Database) -> None:

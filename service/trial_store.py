@@ -15,22 +15,25 @@ ResilientRDBStorage's buffered user attributes through Optuna's own ORM models.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import itertools
 import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import optuna
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages._rdb import models
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial
-from sqlalchemy import bindparam, delete, select, text
+from sqlalchemy import DateTime, Float, Integer, String, bindparam, column, delete, select, text
 from sqlalchemy.orm import selectinload
 
-from search.optuna_internals import frozen_trial, storage_of, study_id, trial_id
+from search.optuna_internals import frozen_trial, stale_trial_ids, storage_of, study_id, trial_id
 from search.sampler import Window, public_history, select_view
+from service.models import Job
 from service.retry import OutageBudget, is_transient
 
 if TYPE_CHECKING:
@@ -42,22 +45,33 @@ __all__ = [
     "SLOT_STATES",
     "BoundedHistory",
     "FrozenStudy",
+    "PageEntry",
+    "PageIndex",
     "ResilientRDBStorage",
+    "TrialPage",
+    "event_anchor",
     "frozen_trial",
+    "job_summary_rows",
     "owner_has_study",
     "owner_study_ids",
+    "page_index",
+    "page_trials",
+    "read_page",
     "retried_trial_numbers",
     "running_trials_without_heartbeat",
     "slots_and_running",
     "slots_in_use",
+    "stale_trial_ids",
     "storage_of",
     "studies_with_unfinished_trials",
     "study_id",
+    "trial_changes",
     "trial_id",
     "trial_page",
     "trial_state_counts",
     "trial_study_id",
     "trial_summary_rows",
+    "trials_by_id",
 ]
 
 T = TypeVar("T")
@@ -265,6 +279,21 @@ _TRIAL_SUMMARY = text("""
     WHERE s.study_name IN :names
     GROUP BY s.study_name, t.state
 """).bindparams(bindparam("names", expanding=True))
+# A job's row with its study's trials by state (count, best first-objective values), in one
+# statement: what GET /jobs/{id} shows. One row per state, the job's columns on each (one row
+# with a NULL state while the study has no trial or the job no study). PostgreSQL takes the
+# job's columns ungrouped because they depend on its primary key.
+_JOB_SUMMARY = text(
+    "SELECT " + ", ".join(f"j.{c.name}" for c in Job.__table__.c) + """,
+           CAST(t.state AS VARCHAR(16)) AS trial_state, COUNT(t.trial_id) AS n,
+           MAX(v.value) AS best_max, MIN(v.value) AS best_min
+    FROM hptune_jobs j
+    LEFT JOIN studies s ON s.study_name = j.study_name
+    LEFT JOIN trials t ON t.study_id = s.study_id
+    LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0
+    WHERE j.id = :job_id GROUP BY j.id, t.state
+""").columns(*Job.__table__.c, column("trial_state", String), column("n", Integer),
+             column("best_max", Float), column("best_min", Float))
 # Who owns a study is the service's word, not the study's: hptune_jobs.owner of the job whose
 # study it is (the study's "owner" user attribute says the same, but lives in Optuna's tables).
 # Studies that belong to no job are an admin's alone.
@@ -278,11 +307,41 @@ _OWNER_HAS_STUDY = text("""
     JOIN hptune_jobs j ON j.study_name = s.study_name
     WHERE s.study_id = :study_id AND j.owner = :owner
 """)
-# One page of a study's trials, by number: the ids of at most :limit trials after :after, so
-# that a page costs what it shows however many trials the study has.
-_TRIAL_PAGE_IDS = text(
-    "SELECT t.trial_id FROM trials t JOIN studies s ON s.study_id = t.study_id "
-    "WHERE s.study_name = :name AND t.number > :after ORDER BY t.number LIMIT :limit")
+# One page of a study's trials, by number (at most :limit above :after), and the study's
+# trial count, in one statement: the study's row (kind 0: `n` counts its trials; absent when
+# the study is gone), then the page's trials (kind 1: id, number, state, times). A page costs
+# what it shows however many trials the study has. The first branch types every column
+# (PostgreSQL resolves a UNION's NULLs pair by pair).
+_PAGE_INDEX = text("""
+    SELECT 0 AS kind, s.study_id AS trial_id, COUNT(t.trial_id) AS number,
+           CAST(NULL AS VARCHAR(16)) AS state, CAST(NULL AS TIMESTAMP) AS t0,
+           CAST(NULL AS TIMESTAMP) AS t1
+    FROM studies s LEFT JOIN trials t ON t.study_id = s.study_id
+    WHERE s.study_name = :name GROUP BY s.study_id
+    UNION ALL SELECT * FROM (
+        SELECT 1, t.trial_id, t.number, CAST(t.state AS VARCHAR(16)), t.datetime_start,
+               t.datetime_complete
+        FROM trials t JOIN studies s ON s.study_id = t.study_id
+        WHERE s.study_name = :name AND t.number > :after ORDER BY t.number LIMIT :limit) page
+""").columns(t0=DateTime, t1=DateTime)
+# All that Optuna stores of some trials besides their row, in one statement and without ORM
+# objects (building those cost ~2 ms a trial): a row's `kind` is 2 for a parameter (`label`
+# its name, `x` its stored value, `body` its distribution, `ord` its id), 3 a value (`ord`
+# the objective, `label` its type), 4 an intermediate value (`ord` the step), 5 and 6 a user
+# and a system attribute (`label` the key, `body` the JSON).
+_TRIAL_ROWS = text("""
+    SELECT 2 AS kind, p.trial_id, p.param_id AS ord, p.param_name AS label,
+           p.param_value AS x, p.distribution_json AS body
+    FROM trial_params p WHERE p.trial_id IN :ids
+    UNION ALL SELECT 3, v.trial_id, v.objective, CAST(v.value_type AS VARCHAR(16)), v.value,
+        NULL FROM trial_values v WHERE v.trial_id IN :ids
+    UNION ALL SELECT 4, i.trial_id, i.step, CAST(i.intermediate_value_type AS VARCHAR(16)),
+        i.intermediate_value, NULL FROM trial_intermediate_values i WHERE i.trial_id IN :ids
+    UNION ALL SELECT 5, a.trial_id, 0, a.key, NULL, a.value_json
+        FROM trial_user_attributes a WHERE a.trial_id IN :ids
+    UNION ALL SELECT 6, a.trial_id, 0, a.key, NULL, a.value_json
+        FROM trial_system_attributes a WHERE a.trial_id IN :ids
+""").bindparams(bindparam("ids", expanding=True))
 # (number of the retry, its retry_history) for each retry in the study: links a failed trial
 # on a page to the later trial that re-ran it. One short row per retry, not per trial.
 _RETRY_LINKS = text(
@@ -290,6 +349,20 @@ _RETRY_LINKS = text(
     "JOIN trials t ON t.trial_id = a.trial_id "
     "JOIN studies s ON s.study_id = t.study_id "
     "WHERE s.study_name = :name AND a.key = 'retry_history'")
+# An event stream's poll (service.events): where its cursor points, once per connection, then
+# the trials created since the last one it sent (a page of them), and those it is watching.
+_EVENT_ANCHOR_ID = text(
+    "SELECT MAX(trial_id) FROM trials WHERE study_id = :study_id AND number <= :last")
+_EVENT_OPEN_IDS = text(
+    "SELECT trial_id, number FROM trials WHERE study_id = :study_id AND number IN :numbers"
+).bindparams(bindparam("numbers", expanding=True))
+_EVENT_NEW = text(
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE study_id = :study_id AND trial_id > :after AND number > :last "
+    "ORDER BY trial_id LIMIT :limit")
+_EVENT_WATCHED = text(
+    "SELECT trial_id, number, CAST(state AS VARCHAR(16)) AS state FROM trials "
+    "WHERE trial_id IN :ids").bindparams(bindparam("ids", expanding=True))
 _TRIAL_STUDY_ID = text("SELECT study_id FROM trials WHERE trial_id = :trial_id")
 # State and first objective value of some of a study's trials (those with stored artifacts).
 _STATES_AND_VALUES = text(
@@ -382,6 +455,13 @@ def trial_summary_rows(db: Database, study_names: Iterable[str],
         return list(s.execute(_TRIAL_SUMMARY, {"names": names}))
 
 
+def job_summary_rows(db: Database, job_id: int) -> list[Any]:
+    """Rows of _JOB_SUMMARY: job `job_id`'s columns (typed as the ORM's) with `trial_state`,
+    `n`, `best_max` and `best_min` per trial state; empty if there is no such job."""
+    with db.session() as s:
+        return s.execute(_JOB_SUMMARY, {"job_id": job_id}).all()
+
+
 def owner_study_ids(db: Database, owner: str) -> set[int]:
     """Ids of the Optuna studies of `owner`'s jobs."""
     with db.session() as s:
@@ -427,29 +507,158 @@ def trial_duration_histogram(db: Database, buckets_s: Sequence[float]
 def trial_page(db: Database, study_name: str, after: int, limit: int
                ) -> tuple[list[FrozenTrial], dict[int, int]]:
     """At most `limit` of the study's trials numbered above `after`, in number order, and
-    {failed trial number: number of its retry} for the failed ones among them.
+    {failed trial number: number of its retry} for the failed ones among them (read_page;
+    a missing study has no trials)."""
+    page = read_page(db, study_name, after, limit)
+    return ([], {}) if page is None else (page.trials, page.retried_as)
 
-    Bounded by the page: one query picks the page's trial ids, then Optuna's own models load
-    just those trials (their params, values and attributes in one query each), never the
-    whole study as Optuna's get_all_trials would.
-    """
+
+class PageEntry(NamedTuple):
+    """A trial of a page as its row says: times in naive UTC, as Optuna stores them."""
+
+    trial_id: int
+    number: int
+    state: str
+    datetime_start: datetime.datetime | None
+    datetime_complete: datetime.datetime | None
+
+
+class PageIndex(NamedTuple):
+    study_id: int
+    total: int  # the study's trials, all pages
+    entries: list[PageEntry]  # the page's trials, in number order
+
+
+class TrialPage(NamedTuple):
+    trials: list[FrozenTrial]
+    retried_as: dict[int, int]  # failed trial number -> number of its retry
+    total: int  # the study's trials, all pages
+
+
+def read_page(db: Database, study_name: str, after: int, limit: int) -> TrialPage | None:
+    """At most `limit` of the study's trials numbered above `after`, in number order, the
+    retries of the failed ones among them and the study's trial count; None if the study is
+    gone. Two queries (_PAGE_INDEX, then _TRIAL_ROWS for every relation of the page's trials)
+    and one for the retry links when the page holds a failed trial: never a load of the
+    study, never ORM objects."""
     with db.session() as s:
-        ids = list(s.scalars(_TRIAL_PAGE_IDS, {"name": study_name, "after": after,
-                                               "limit": limit}))
-    if not ids:
+        index = _page_index(s, study_name, after, limit)
+        if index is None:
+            return None
+        trials, retried_as = _page_trials(s, study_name, index.entries)
+    return TrialPage(trials, retried_as, index.total)
+
+
+def page_index(db: Database, study_name: str, after: int, limit: int) -> PageIndex | None:
+    """The study's id and trial count and the rows of at most `limit` of its trials numbered
+    above `after`, in one query; None if the study is gone."""
+    with db.session() as s:
+        return _page_index(s, study_name, after, limit)
+
+
+def page_trials(db: Database, study_name: str, entries: Sequence[PageEntry]
+                ) -> tuple[list[FrozenTrial], dict[int, int]]:
+    """The trials of `entries` (page_index's) as FrozenTrials equal to Optuna's own, and
+    {failed trial number: number of its retry} for the failed ones among them."""
+    with db.session() as s:
+        return _page_trials(s, study_name, entries)
+
+
+def _page_index(s: Session, study_name: str, after: int, limit: int) -> PageIndex | None:
+    study: tuple[int, int] | None = None
+    entries = []
+    for r in s.execute(_PAGE_INDEX, {"name": study_name, "after": after, "limit": limit}
+                       ).all():
+        if r.kind == 0:
+            study = (int(r.trial_id), int(r.number))
+        else:
+            entries.append(PageEntry(int(r.trial_id), int(r.number), r.state, r.t0, r.t1))
+    if study is None:
+        return None
+    entries.sort(key=lambda e: e.number)
+    return PageIndex(study[0], study[1], entries)
+
+
+def _page_trials(s: Session, study_name: str, entries: Sequence[PageEntry]
+                 ) -> tuple[list[FrozenTrial], dict[int, int]]:
+    if not entries:
         return [], {}
+    parts: dict[int, tuple[list, list, dict, dict, list]] = {
+        e.trial_id: ([], [], {}, {}, []) for e in entries}
+    # .all(): one fetchall; iterating the result would fetch row by row.
+    for kind, tid, ord_, label, x, body in s.execute(
+            _TRIAL_ROWS, {"ids": [e.trial_id for e in entries]}).all():
+        params, values, user, system, steps = parts[tid]
+        if kind == 2:
+            params.append((ord_, label, x, body))
+        elif kind == 3:
+            values.append((ord_, label, x))
+        elif kind == 4:
+            steps.append((ord_, label, x))
+        else:
+            (user if kind == 5 else system)[label] = body
+    trials = [_frozen(e, *parts[e.trial_id]) for e in entries]
+    failed = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
+    retried_as: dict[int, int] = {}
+    if failed:
+        for row in s.execute(_RETRY_LINKS, {"name": study_name}):
+            history = json.loads(row.history)
+            if history and int(history[-1]) in failed:
+                retried_as[int(history[-1])] = int(row.number)
+    return trials, retried_as
+
+
+@functools.lru_cache(maxsize=1024)
+def _distribution(distribution_json: str) -> BaseDistribution:
+    # A job's trials share a handful of distributions; parsing one costs ~30 µs.
+    return json_to_distribution(distribution_json)
+
+
+def _local_time(utc: datetime.datetime | None) -> datetime.datetime | None:
+    """Optuna stores naive UTC and gives naive local time (TrialModel.datetime_start)."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=datetime.UTC).astimezone().replace(tzinfo=None)
+
+
+_VALUE_TYPE = models.TrialValueModel.TrialValueType
+_STEP_TYPE = models.TrialIntermediateValueModel.TrialIntermediateValueType
+
+
+def _frozen(entry: PageEntry, params: list, values: list, user: dict, system: dict,
+            steps: list) -> FrozenTrial:
+    """The trial as Optuna's _build_frozen_trial_from_trial_model builds it: parameters in id
+    order, values by objective; stored infinities and NaN decoded by Optuna's models. Keys of
+    attributes and steps ascending (Optuna's own reads leave their order to the database)."""
+    params.sort()
+    dists = {name: _distribution(body) for _, name, _, body in params}
+    return FrozenTrial(
+        number=entry.number, state=optuna.trial.TrialState[entry.state], value=None,
+        values=[x if t == "FINITE" else models.TrialValueModel.stored_repr_to_value(
+            x, _VALUE_TYPE[t]) for _, t, x in sorted(values)] or None,
+        datetime_start=_local_time(entry.datetime_start),
+        datetime_complete=_local_time(entry.datetime_complete),
+        params={name: dists[name].to_external_repr(x) for _, name, x, _ in params},
+        distributions=dists,
+        user_attrs={k: json.loads(user[k]) for k in sorted(user)},
+        system_attrs={k: json.loads(system[k]) for k in sorted(system)},
+        intermediate_values={
+            step: x if t == "FINITE" else
+            models.TrialIntermediateValueModel.stored_repr_to_intermediate_value(
+                x, _STEP_TYPE[t]) for step, t, x in sorted(steps)},
+        trial_id=entry.trial_id)
+
+
+def trials_by_id(db: Database, ids: Iterable[int]) -> list[FrozenTrial]:
+    """The trials `ids` in number order, each relation (params, values, attributes,
+    intermediate values) read in one query for all of them: six queries however many."""
+    ids = sorted(set(ids))
+    if not ids:
+        return []
     storage = db.storage
     session = storage.scoped_session()
     try:
-        rows = (session.query(models.TrialModel)
-                .options(selectinload(models.TrialModel.params),
-                         selectinload(models.TrialModel.values),
-                         selectinload(models.TrialModel.user_attributes),
-                         selectinload(models.TrialModel.system_attributes),
-                         selectinload(models.TrialModel.intermediate_values))
-                .filter(models.TrialModel.trial_id.in_(ids))
-                .order_by(models.TrialModel.number).all())
-        trials = [_frozen_from_model(storage, r) for r in rows]
+        trials = sorted(_load_for_sampler(storage, session, set(ids)), key=lambda t: t.number)
         session.commit()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -457,15 +666,37 @@ def trial_page(db: Database, study_name: str, after: int, limit: int
         raise
     finally:
         session.close()
-    failed = {t.number for t in trials if t.state == optuna.trial.TrialState.FAIL}
-    retried_as: dict[int, int] = {}
-    if failed:
-        with db.session() as s:
-            for row in s.execute(_RETRY_LINKS, {"name": study_name}):
-                history = json.loads(row.history)
-                if history and int(history[-1]) in failed:
-                    retried_as[int(history[-1])] = int(row.number)
-    return trials, retried_as
+    return trials
+
+
+def event_anchor(db: Database, study_name: str, last: int, numbers: Iterable[int]
+                 ) -> tuple[int, int, dict[int, int]] | None:
+    """Where an event stream's cursor points in the study: (the study's id, the id of its
+    last trial numbered up to `last`, 0 if none, {number: trial id} of the trials `numbers`
+    that exist), or None if the study is gone. Read once per connection."""
+    numbers = sorted(set(numbers))
+    with db.session() as s:
+        sid = s.execute(_STUDY_ID_OF, {"name": study_name}).scalar()
+        if sid is None:
+            return None
+        after = s.execute(_EVENT_ANCHOR_ID, {"study_id": sid, "last": last}).scalar()
+        ids = ({int(r.number): int(r.trial_id) for r in s.execute(
+            _EVENT_OPEN_IDS, {"study_id": sid, "numbers": numbers})} if numbers else {})
+    return int(sid), int(after or 0), ids
+
+
+def trial_changes(db: Database, study_id: int, after_id: int, last: int,
+                  watch_ids: Iterable[int], limit: int) -> tuple[list[Any], list[Any]]:
+    """Rows (trial_id, number, state) of an event stream's poll: at most `limit` trials
+    created after trial id `after_id` and numbered above `last`, in order; and the trials
+    `watch_ids` (those it sent while unfinished). Two index ranges, bounded by the page and
+    the watched trials, never a scan of the study's rows into the process."""
+    watch = sorted(set(watch_ids))
+    with db.session() as s:
+        new = s.execute(_EVENT_NEW, {"study_id": study_id, "after": after_id, "last": last,
+                                     "limit": limit}).all()
+        watched = s.execute(_EVENT_WATCHED, {"ids": watch}).all() if watch else []
+    return list(new), list(watched)
 
 
 def _frozen_from_model(storage: optuna.storages.RDBStorage, row: Any) -> FrozenTrial:
