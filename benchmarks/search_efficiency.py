@@ -127,8 +127,8 @@ def check_default_space() -> None:
     from search.spec import JobSpec
 
     space = JobSpec().search_space.model_dump(mode="json")
-    # Dimensions beyond the four core ones must be off (None) by default.
-    space = {k: v for k, v in space.items() if k in SEARCH_SPACE or v is not None}
+    # Dimensions beyond the four core ones must be off (None, or no `extra` ones) by default.
+    space = {k: v for k, v in space.items() if k in SEARCH_SPACE or v not in (None, {})}
     if space != SEARCH_SPACE:
         raise SystemExit(f"JobSpec's default search space {space} is not DESIGN.md's "
                          f"{SEARCH_SPACE}; D would search another space")

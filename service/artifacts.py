@@ -3,7 +3,8 @@
 Bytes go through Optuna's artifact interface (optuna.artifacts.ArtifactStore: write,
 open_reader, remove): by default into the service's own database (`hptune_artifacts.body`),
 so workers on many machines need nothing but the database; with HPTUNE_ARTIFACT_STORE set
-to a directory, into Optuna's FileSystemArtifactStore there. Either way a row of
+to a directory, into Optuna's FileSystemArtifactStore there, or to `s3://<bucket>`, into
+Optuna's Boto3ArtifactStore (the `s3` extra). Either way a row of
 `hptune_artifacts` says whose it is (owner, job, trial, kind) and its size, which is what
 retention and the owner quota count. A model is also linked to its trial with
 optuna.artifacts.upload_artifact, so optuna-dashboard lists it.
@@ -39,6 +40,7 @@ from trainer.vocab import Metric
 log = logging.getLogger("hptune.artifacts")
 
 CHECKPOINT, MODEL = "checkpoint", "model"
+S3_PREFIX = "s3://"
 
 
 class ArtifactStore:
@@ -50,8 +52,13 @@ class ArtifactStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         where = db.settings.artifact_store
-        self.files = (None if where == "database"
-                      else optuna.artifacts.FileSystemArtifactStore(where))
+        if where == "database":
+            self.files = None
+        elif where.startswith(S3_PREFIX):
+            # Endpoint and credentials as boto3 reads them (AWS_ENDPOINT_URL, AWS_* keys).
+            self.files = optuna.artifacts.Boto3ArtifactStore(where.removeprefix(S3_PREFIX))
+        else:
+            self.files = optuna.artifacts.FileSystemArtifactStore(where)
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
         if self.files is not None:

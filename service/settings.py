@@ -88,14 +88,19 @@ class Settings(BaseSettings):
     max_streams_per_owner: int = Field(default=4, ge=1)
     # Reports and plots one owner may have rendering at once in one API process.
     max_renders_per_owner: int = Field(default=2, ge=1)
+    # Seconds an API process takes a verified API key on trust before it looks the key up
+    # again (service.keys.VerifiedKeys): the most a revoked key goes on working. 0: every
+    # request looks its key up.
+    key_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     # Seconds a dashboard login lasts (the session's expiry and its cookie's Max-Age).
     dashboard_session_seconds: int = Field(default=8 * 3600, ge=60)
     # Seconds an Idempotency-Key of POST /jobs or /datasets is remembered (per owner): a retry
     # within them gets the first answer (service/idempotency.py). At most 30 days.
     idempotency_seconds: int = Field(default=24 * 3600, ge=1, le=30 * 24 * 3600)
     # Where trial checkpoints and tuned models go (service/artifacts.py): "database" (the
-    # service's own database: workers on many machines need nothing more), or a directory
-    # (Optuna's FileSystemArtifactStore; every worker and API process must see it).
+    # service's own database: workers on many machines need nothing more), a directory
+    # (Optuna's FileSystemArtifactStore; every worker and API process must see it), or
+    # "s3://<bucket>" (Optuna's Boto3ArtifactStore; the `s3` extra).
     artifact_store: str = "database"
     # Models kept per job: those of its best this-many trials (the rest are deleted).
     keep_models: int = Field(default=3, ge=1, le=100)
@@ -117,6 +122,14 @@ class Settings(BaseSettings):
             raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM is for tests; unset it in production")
         if self.environment == "production" and self.test_crash_in_create:
             raise ValueError("HPTUNE_TEST_CRASH_IN_CREATE is for tests; unset it in production")
+        if self.artifact_store.startswith("s3://"):
+            import importlib.util
+
+            if not self.artifact_store.removeprefix("s3://").strip("/"):
+                raise ValueError("HPTUNE_ARTIFACT_STORE=s3:// needs a bucket: s3://<bucket>")
+            if importlib.util.find_spec("boto3") is None:
+                raise ValueError("HPTUNE_ARTIFACT_STORE=s3://... needs boto3: "
+                                 "pip install 'hptune[s3]'")
         if self.test_crash_on_param is not None and "=" not in self.test_crash_on_param:
             raise ValueError("HPTUNE_TEST_CRASH_ON_PARAM must look like NAME=VALUE")
         return self
