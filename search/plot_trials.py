@@ -3,8 +3,12 @@ its outcome, learning curve, best value and parameters (search.plots draws them)
 
 from __future__ import annotations
 
+import logging
 import math
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -16,6 +20,22 @@ from search.spec import CORE_PARAMS
 from trainer.vocab import StopReason
 
 RUNNING = "running"
+
+# What a picture draws at most, however many trials the job has: a 10,000-trial job's pictures
+# draw as fast, and read as well, as a 1,000-trial one's. Counts in legends and titles are of
+# every trial; the drawn ones are the best and an even sample of the rest (pick).
+MAX_CURVES = 300  # learning curves
+BEST_CURVES = 50
+MAX_POINTS = 2000  # markers of the history and of learning rate against batch size
+BEST_POINTS = 200
+MAX_IMPORTANCE_TRIALS = 1000  # completed trials PED-ANOVA weighs: an even sample by value
+
+T = TypeVar("T")
+
+# The studies in memory that importances builds are no news: their creation is not logged.
+_WEIGHED_PREFIX = "hptune-importances-"
+logging.getLogger("optuna.storages._in_memory").addFilter(
+    lambda record: _WEIGHED_PREFIX not in record.getMessage())
 
 # One colour per outcome, shared by every plot (Okabe-Ito: readable with colour blindness).
 STYLE: dict[str, tuple[str, str]] = {
@@ -48,8 +68,9 @@ class Snapshot:
     x_unit: str
 
 
-def snapshot(study: optuna.Study) -> Snapshot:
-    trials = study.get_trials(deepcopy=False)
+def snapshot(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> Snapshot:
+    """The study's trials read once (`trials` when the caller has read them already)."""
+    trials = list(study.get_trials(deepcopy=False) if trials is None else trials)
     spec = study.user_attrs.get("spec")
     spec = spec if isinstance(spec, dict) else {}
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -126,8 +147,48 @@ def param(t: FrozenTrial, name: str) -> float | None:
     return float(v) if finite(v) else None
 
 
-def importances(study: optuna.Study, completed: list[FrozenTrial]) -> dict[str, float]:
-    completed = [t for t in completed if finite(t.value)]
+def thin(items: Sequence[T], k: int) -> list[T]:
+    """At most `k` of `items`, evenly spaced, the first and the last among them."""
+    n = len(items)
+    if n <= k:
+        return list(items)
+    if k <= 1:
+        return list(items[:k])
+    return [items[i * (n - 1) // (k - 1)] for i in range(k)]
+
+
+def pick(items: Sequence[T], k: int, n_best: int, key: Callable[[T], Any]) -> list[T]:
+    """At most `k` of `items` in their order: the `n_best` smallest by `key` and an even
+    sample of the others (all of them when there are no more than `k`)."""
+    if len(items) <= k:
+        return list(items)
+    best = set(sorted(range(len(items)), key=lambda i: key(items[i]))[:n_best])
+    rest = thin([i for i in range(len(items)) if i not in best], k - len(best))
+    return [items[i] for i in sorted(best.union(rest))]
+
+
+def best_first(maximize: bool) -> Callable[[FrozenTrial], tuple[bool, float, int]]:
+    """A sort key of trials by the value they reached, best first, those without one last."""
+    def key(t: FrozenTrial) -> tuple[bool, float, int]:
+        v = reached(t, maximize)
+        return (v is None, 0.0 if v is None else -v if maximize else v, t.number)
+    return key
+
+
+def importance_sample(completed: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """The completed trials PED-ANOVA weighs: all of them up to MAX_IMPORTANCE_TRIALS, else an
+    even sample by value (every quantile keeps its share, which is what PED-ANOVA compares)."""
+    done = [t for t in completed if finite(t.value)]
+    if len(done) <= MAX_IMPORTANCE_TRIALS:
+        return done
+    return sorted(thin(sorted(done, key=lambda t: (t.value, t.number)), MAX_IMPORTANCE_TRIALS),
+                  key=lambda t: t.number)
+
+
+def importances(study: optuna.Study, completed: Sequence[FrozenTrial]) -> dict[str, float]:
+    """PED-ANOVA importances over `completed` (importance_sample of them), computed on a study
+    in memory holding just those: never a second read of the study's storage."""
+    completed = importance_sample(completed)
     if len(completed) < 2:
         raise ValueError(f"importances need at least 2 completed trials; "
                          f"this study has {len(completed)}")
@@ -139,5 +200,8 @@ def importances(study: optuna.Study, completed: list[FrozenTrial]) -> dict[str, 
                          f"this study searches {len(varying)}{only}")
     order = {p: i for i, p in enumerate(CORE_PARAMS)}
     varying.sort(key=lambda p: (order.get(p, len(order)), p))
+    weighed = optuna.create_study(directions=study.directions,
+                                  study_name=f"{_WEIGHED_PREFIX}{uuid.uuid4()}")
+    weighed.add_trials(completed)
     return optuna.importance.get_param_importances(
-        study, evaluator=PedAnovaImportanceEvaluator(), params=varying)
+        weighed, evaluator=PedAnovaImportanceEvaluator(), params=varying)

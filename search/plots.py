@@ -8,12 +8,12 @@ from the study is in search.plot_trials, how each plot is drawn in search.plot_f
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.plot_figures import DRAW, message
 from search.plot_trials import Snapshot, importances, snapshot
@@ -32,31 +32,35 @@ _BASE_DPI = 100.0
 
 
 def render_png(study: optuna.Study, name: str, width_px: int = 1000,
-               height_px: int = 600) -> bytes:
-    """One plot of `study` as a PNG of exactly `width_px` x `height_px` pixels."""
-    return render_pngs(study, (name,), width_px, height_px)[name]
+               height_px: int = 600, *, trials: Sequence[FrozenTrial] | None = None) -> bytes:
+    """One plot of `study` as a PNG of exactly `width_px` x `height_px` pixels; `trials` are
+    the study's when the caller has read them already."""
+    return render_pngs(study, (name,), width_px, height_px, trials=trials)[name]
 
 
 def render_pngs(study: optuna.Study, names: Iterable[str] = PLOTS, width_px: int = 1000,
-                height_px: int = 600) -> dict[str, bytes]:
+                height_px: int = 600, *, trials: Sequence[FrozenTrial] | None = None
+                ) -> dict[str, bytes]:
     """Several plots of `study` from one read of its trials, keyed by plot name."""
     names = tuple(names)
     _check(names, width_px, height_px)
-    snap = snapshot(study)
+    snap = snapshot(study, trials)
     return {n: _png(_figure(DRAW[n], snap, width_px, height_px)) for n in names}
 
 
 def render_figure(study: optuna.Study, name: str, width_px: int = 1000,
-                  height_px: int = 600) -> Figure:
+                  height_px: int = 600, *, trials: Sequence[FrozenTrial] | None = None
+                  ) -> Figure:
     """One plot of `study` as a Matplotlib figure (for notebooks, or to inspect)."""
     _check((name,), width_px, height_px)
-    return _figure(DRAW[name], snapshot(study), width_px, height_px)
+    return _figure(DRAW[name], snapshot(study, trials), width_px, height_px)
 
 
 def param_importances(study: optuna.Study) -> dict[str, float]:
     """Importance of each searched parameter for the objective, summing to 1, largest first.
 
-    Uses Optuna's PED-ANOVA evaluator (deterministic) over the COMPLETE trials. Raises
+    Uses Optuna's PED-ANOVA evaluator (deterministic) over the COMPLETE trials (at most
+    search.plot_trials.MAX_IMPORTANCE_TRIALS of them: an even sample by value). Raises
     ValueError, with a reason a person can read, when importances cannot say anything: fewer than
     two completed trials, or fewer than two parameters that vary.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -190,70 +191,106 @@ def _stop_in_words(t: dict[str, Any], resource: str) -> str:
     return str(reason)
 
 
-def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any]) -> dict[str, Any]:
-    """Summary, best trial, every trial stopped before `max_epochs` and the compute it saved."""
-    trials = study.get_trials(deepcopy=False)
-    rows = trials_to_dicts(trials)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = _best_trial(rows, maximize, spec.metric)
+def build_report(study: optuna.Study, spec: JobSpec, job: dict[str, Any], *,
+                 trials: Sequence[FrozenTrial] | None = None) -> dict[str, Any]:
+    """Summary, best trial, every trial stopped before `max_epochs` and the compute it saved.
 
-    stopped = []
-    saved = {"pruned_epochs": 0.0, "early_stopped_epochs": 0.0,
-             "pruned_seconds": 0.0, "early_stopped_seconds": 0.0}
-    total_epochs = 0.0
-    full_seconds = 0.0
-    for r in rows:
+    One pass over the trials: `trials` when the caller has read them (the service reads a
+    job's page by page), else the study's. Each is presented once (trial_to_dict) and only
+    what the report shows is kept: the stopped trials' rows (it lists every one), the
+    audited ones and the best.
+    """
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    tally = _Tally(spec, study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    retried_as = retry_links(trials)
+    for t in trials:
+        tally.add(t, trial_to_dict(t, retried_as.get(t.number)))
+    return tally.report(job)
+
+
+_STATE_KEYS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+               TrialState.FAIL: "failed", TrialState.RUNNING: "running",
+               TrialState.WAITING: "waiting"}
+
+
+class _Tally:
+    """What build_report gathers in its one pass over a study's trials."""
+
+    def __init__(self, spec: JobSpec, maximize: bool) -> None:
+        self.spec, self.maximize = spec, maximize
+        self.counts = counts([])
+        self.saved = {"pruned_epochs": 0.0, "early_stopped_epochs": 0.0,
+                      "pruned_seconds": 0.0, "early_stopped_seconds": 0.0}
+        self.total_epochs = self.full_seconds = 0.0
+        self.finished = 0
+        self.best: dict[str, Any] | None = None
+        self.kept: list[float] = []  # the COMPLETE trials' values (the audit's yardstick)
+        self.audited: list[dict[str, Any]] = []
+        self.stopped: list[dict[str, Any]] = []
+        self.first_start: Any = None
+        self.last_end: Any = None
+
+    def add(self, t: FrozenTrial, r: dict[str, Any]) -> None:
+        self.counts[_STATE_KEYS[t.state]] += 1
+        if t.datetime_start and (self.first_start is None or t.datetime_start < self.first_start):
+            self.first_start = t.datetime_start
+        if t.datetime_complete and (self.last_end is None or t.datetime_complete > self.last_end):
+            self.last_end = t.datetime_complete
         epoch_s = float(r["details"].get("epoch_seconds") or 0.0)
-        total_epochs += epochs_trained(r)
+        self.total_epochs += epochs_trained(r)
         if r["state"] in ("COMPLETE", "PRUNED"):
-            full_seconds += epoch_s * spec.max_epochs
-        saving = epochs_saved(r, spec.max_epochs)
+            self.finished += 1
+            self.full_seconds += epoch_s * self.spec.max_epochs
+        saving = epochs_saved(r, self.spec.max_epochs)
         if saving is not None:
             cause, epochs = saving
-            saved[f"{cause}_epochs"] += epochs
-            saved[f"{cause}_seconds"] += epochs * epoch_s
-        if (r["stop_reason"] in (None, StopReason.MAX_EPOCHS)
-                or r["state"] in ("RUNNING", "WAITING")):
-            continue
-        stopped.append(_stopped_trial(r, spec))
+            self.saved[f"{cause}_epochs"] += epochs
+            self.saved[f"{cause}_seconds"] += epochs * epoch_s
+        if r["state"] == "COMPLETE" and r["value"] is not None:
+            self.kept.append(r["value"])
+            if self.best is None or (r["value"] > self.best["value"] if self.maximize
+                                     else r["value"] < self.best["value"]):
+                self.best = r
+        if r["details"].get("audited"):
+            self.audited.append(r)
+        if (r["stop_reason"] not in (None, StopReason.MAX_EPOCHS)
+                and r["state"] not in ("RUNNING", "WAITING")):
+            self.stopped.append(_stopped_trial(r, self.spec))
 
-    finished = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
-    full_epochs = spec.max_epochs * len(finished)
-    saved["full_budget_epochs"] = full_epochs
-    saved["full_budget_seconds"] = round(full_seconds, 3)
-    for kind in ("pruned", "early_stopped"):
-        # Shares from the exact sums; the figures shown are rounded afterwards.
-        epochs, seconds = saved[f"{kind}_epochs"], saved[f"{kind}_seconds"]
-        saved[f"{kind}_epochs"] = _tidy(epochs)
-        saved[f"{kind}_seconds"] = round(seconds, 3)
-        saved[f"{kind}_epochs_share"] = round(epochs / full_epochs, 4) if full_epochs else 0.0
-        saved[f"{kind}_seconds_share"] = round(seconds / full_seconds, 4) if full_seconds else 0.0
+    def report(self, job: dict[str, Any]) -> dict[str, Any]:
+        saved, full_seconds = self.saved, self.full_seconds
+        full_epochs = self.spec.max_epochs * self.finished
+        saved["full_budget_epochs"] = full_epochs
+        saved["full_budget_seconds"] = round(full_seconds, 3)
+        for kind in ("pruned", "early_stopped"):
+            # Shares from the exact sums; the figures shown are rounded afterwards.
+            epochs, seconds = saved[f"{kind}_epochs"], saved[f"{kind}_seconds"]
+            saved[f"{kind}_epochs"] = _tidy(epochs)
+            saved[f"{kind}_seconds"] = round(seconds, 3)
+            saved[f"{kind}_epochs_share"] = round(epochs / full_epochs, 4) if full_epochs else 0.0
+            saved[f"{kind}_seconds_share"] = (round(seconds / full_seconds, 4) if full_seconds
+                                              else 0.0)
+        wall = ((self.last_end - self.first_start).total_seconds()
+                if self.first_start and self.last_end else None)
+        return {
+            "job": job,
+            "spec": self.spec.model_dump(mode="json"),
+            "direction": "maximize" if self.maximize else "minimize",
+            "counts": self.counts,
+            "best_trial": _best_trial(self.best, self.spec.metric),
+            "wall_seconds": wall,
+            "total_epochs": _tidy(self.total_epochs),
+            "compute_saved": saved,
+            "stopped_trials": self.stopped,
+            "pruning_audit": _audit(self.audited, sorted(self.kept), self.maximize),
+        }
 
-    starts = [t.datetime_start for t in trials if t.datetime_start]
-    audit = pruning_audit(rows, maximize)
-    ends = [t.datetime_complete for t in trials if t.datetime_complete]
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    return {
-        "job": job,
-        "spec": spec.model_dump(mode="json"),
-        "counts": counts(trials),
-        "best_trial": best,
-        "wall_seconds": wall,
-        "total_epochs": _tidy(total_epochs),
-        "compute_saved": saved,
-        "stopped_trials": stopped,
-        "pruning_audit": audit,
-    }
 
-
-def _best_trial(rows: list[dict[str, Any]], maximize: bool, metric: str
-                ) -> dict[str, Any] | None:
+def _best_trial(best_row: dict[str, Any] | None, metric: str) -> dict[str, Any] | None:
     """The report's best trial: the best COMPLETE value, or None before there is one."""
-    completed = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
-    if not completed:
+    if best_row is None:
         return None
-    pick = max if maximize else min
-    best_row = pick(completed, key=lambda r: r["value"])
     return {
         "number": best_row["number"],
         "params": best_row["params"],
@@ -289,9 +326,15 @@ def pruning_audit(rows: list[dict[str, Any]], maximize: bool) -> dict[str, Any] 
     it would have won the job. Regret is how much better the best of them would have been.
     """
     audited = [r for r in rows if r["details"].get("audited")]
+    kept = sorted(r["value"] for r in rows if r["state"] == "COMPLETE" and r["value"] is not None)
+    return _audit(audited, kept, maximize)
+
+
+def _audit(audited: list[dict[str, Any]], kept: list[float], maximize: bool
+           ) -> dict[str, Any] | None:
+    """pruning_audit of the audited trials' rows against the kept values, in order."""
     if not audited:
         return None
-    kept = sorted(r["value"] for r in rows if r["state"] == "COMPLETE" and r["value"] is not None)
     best_kept = (kept[-1] if maximize else kept[0]) if kept else None
     median_kept = kept[len(kept) // 2] if kept else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -16,7 +17,7 @@ LEADING_COLUMNS = ("number", "state", "stop_reason", "value", "stopped_epoch", "
 TRAILING_COLUMNS = ("test_accuracy", "train_seconds", "datetime_start", "datetime_complete")
 
 
-def param_columns(trials: list[FrozenTrial]) -> list[str]:
+def param_columns(trials: Sequence[FrozenTrial]) -> list[str]:
     """Parameter names of the trials, sampled or fixed: the core four first, then the rest."""
     names = {name for t in trials for name in t.params}
     names |= {k.removeprefix("fixed_") for t in trials for k in t.user_attrs
@@ -25,13 +26,15 @@ def param_columns(trials: list[FrozenTrial]) -> list[str]:
     return sorted(names, key=lambda p: (order.get(p, len(order)), p))
 
 
-def render_csv(study: optuna.Study) -> str:
+def render_csv(study: optuna.Study, *, trials: Sequence[FrozenTrial] | None = None) -> str:
     """One row per trial: outcome, value, epochs, every parameter, test accuracy and times.
 
     A parameter the job fixed is written with its fixed value, so each row holds the values the
     trial actually trained with. Missing values (None) are empty cells; floats keep full precision.
+    `trials` are the study's when the caller has read them already.
     """
-    trials = study.get_trials(deepcopy=False)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
     params = param_columns(trials)
     buf = io.StringIO()
     writer = csv.writer(buf)  # RFC 4180 line ends (CRLF), as text/csv expects

@@ -22,6 +22,7 @@ from service.dashboard import DashboardGate
 from service.db import Database
 from service.deps import lookup_key, no_unknown_query
 from service.errors import DatabaseUnavailable, QuotaExceeded, ServiceError, Unauthorized
+from service.keys import VerifiedKeys
 from service.limits import OwnerSlots
 from service.metrics import metrics_registry
 from service.middleware import ApiKeyGate, BodyLimit, SecurityHeaders
@@ -31,6 +32,7 @@ from service.routes import models as model_routes
 from service.routes import ops
 from service.schemas import ErrorBody
 from service.settings import Settings, get_settings
+from service.trial_pages import TrialJsonCache
 
 log = logging.getLogger("hptune.api")
 
@@ -88,13 +90,16 @@ def create_app(settings: Settings | None = None, db: Database | None = None,
     app.state.streams = OwnerSlots(settings.max_streams_per_owner, "event streams")
     app.state.renders = OwnerSlots(settings.max_renders_per_owner, "report renders")
     app.state.metrics = metrics_registry(app.state.db)
+    app.state.trial_json = TrialJsonCache()
     _install_error_handlers(app)
     # Added innermost first. A request meets: security headers, the body limits, the key
     # check (before any body is read), the dashboard's gate, then the routes.
     db_ = app.state.db
+    keys = app.state.verified_keys = VerifiedKeys(settings.key_cache_seconds)
     app.add_middleware(DashboardGate, db=db_)
-    app.add_middleware(ApiKeyGate, authenticate=lambda token: lookup_key(db_, token),
-                       admin_paths=ADMIN_PATHS)
+    app.add_middleware(ApiKeyGate, known=keys.get, admin_paths=ADMIN_PATHS,
+                       authenticate=lambda token: keys.verify(
+                           token, lambda t: lookup_key(db_, t)))
     app.add_middleware(
         BodyLimit,
         limit_for=lambda path: (settings.max_upload_bytes + 64 * 1024

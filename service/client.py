@@ -261,6 +261,26 @@ def short_reason(row: dict[str, Any], resource: str = "epochs") -> str:
     return row.get("reason") or str(reason)
 
 
+# Stopped trials the terminal report lists at most (the HTML page lists more, the CSV all).
+TERMINAL_STOPPED_ROWS = 50
+
+
+def closest_stopped(report: dict[str, Any], n: int = TERMINAL_STOPPED_ROWS
+                    ) -> list[dict[str, Any]]:
+    """The report's stopped trials, or when there are more than `n` the `n` that reached the
+    best values (a trial's value, else the best before it stopped), best first."""
+    stopped = report["stopped_trials"]
+    if len(stopped) <= n:
+        return stopped
+    sign = -1.0 if report.get("direction", "maximize") == "maximize" else 1.0
+
+    def key(r: dict[str, Any]) -> tuple[bool, float, int]:
+        v = r["value"] if r["value"] is not None else r["details"].get("best_value")
+        return (v is None, 0.0 if v is None else sign * v, r["number"])
+
+    return sorted(stopped, key=key)[:n]
+
+
 def print_report(report: dict[str, Any], console: Console) -> None:
     """The early-stopped trial report as rich tables."""
     job, c = report["job"], report["counts"]
@@ -285,8 +305,13 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         console.print(t)
     stopped = report["stopped_trials"]
     resource = report["spec"]["pruner"]["resource"]
+    caption = "epoch: stopped at / best"
+    if len(stopped) > TERMINAL_STOPPED_ROWS:
+        caption += (f"; the {TERMINAL_STOPPED_ROWS} that reached the best values, best first: "
+                    f"`hptune report {report['job']['id']} --format csv` lists every one")
     t = Table(title=f"{len(stopped)} trials stopped before max_epochs "
-                    f"({report['spec']['max_epochs']})", caption="epoch: stopped at / best")
+                    f"({report['spec']['max_epochs']})", caption=caption)
+    stopped = closest_stopped(report)
     for col in ("#", "state", "epoch", "lr", "batch", "drop", "wd"):
         t.add_column(col, no_wrap=True)
     t.add_column("why", overflow="fold")

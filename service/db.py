@@ -37,6 +37,9 @@ log = logging.getLogger("hptune.db")
 
 # SQLite waits this long for a competing writer before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30
+# SQLite connections a process keeps (made when used): as many as the API's 40 worker threads
+# use at once. Past SQLAlchemy's default of 5, each was opened and closed again per request.
+SQLITE_POOL_SIZE = 40
 # Seconds a process that serves requests (the API, the CLI) retries a storage call before it
 # answers 503; workers ride out longer outages (Settings.db_retry_seconds).
 API_RETRY_SECONDS = 2.0
@@ -57,7 +60,11 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 def engine_kwargs(settings: Settings, application_name: str | None = None) -> dict[str, Any]:
     """Engine options shared by the service's engine and Optuna's."""
     if settings.is_sqlite:
-        return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S,
+                                                   "check_same_thread": False}}
+        if make_url(settings.database_url).database not in (None, "", ":memory:"):
+            kwargs.update(pool_size=SQLITE_POOL_SIZE, max_overflow=10)
+        return kwargs
     connect_args: dict[str, Any] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     if application_name and settings.database_url.startswith("postgresql"):
         # Shows in pg_stat_activity, so operators can count each process's connections.
@@ -93,11 +100,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(settings: Settings, application_name: str | None = None) -> Engine:
-    """The service's engine, with SQLite put in WAL mode on every connection."""
-    engine = create_engine(settings.database_url, **engine_kwargs(settings, application_name))
-    if settings.is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
+    """The service's engine, with SQLite put in WAL mode on every connection (by
+    _sqlite_pragmas, which listens on every engine: listening on this one too ran the
+    pragmas twice per connection)."""
+    return create_engine(settings.database_url, **engine_kwargs(settings, application_name))
 
 
 class _FileLock:
@@ -291,6 +297,19 @@ class Database:
             session.close()
 
     @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A Core connection for a read, outages mapped to 503 as session() maps them: an ORM
+        Session costs a hot read on SQLite more than its query does (~70 µs)."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            if exc.connection_invalidated or is_connection_error(exc):
+                self.note_outage()
+                raise unavailable(exc) from exc
+            raise
+
+    @contextmanager
     def owner_session(self, owner: str) -> Iterator[Session]:
         """A session that holds the owner's lock until it has committed or rolled back.
 
@@ -348,9 +367,7 @@ class Database:
                 if self._stale_trial_callback else None
             ),
         )
-        if self.settings.is_sqlite:
-            event.listen(storage.engine, "connect", _sqlite_pragmas)
-        return storage
+        return storage  # _sqlite_pragmas already listens on its engine, as on every one
 
     def release_idle_connections(self) -> None:
         """Close pooled connections no one is using (an idle worker keeps none it doesn't need)."""

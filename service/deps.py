@@ -1,5 +1,9 @@
 """The routes' typed dependencies, as `Annotated` aliases: the database, the caller's key and
-owner scope, ids, the Idempotency-Key header, and the per-app state the routes share."""
+owner scope, ids, the Idempotency-Key header, and the per-app state the routes share.
+
+Those that only read the request or the app's state are `async def`: FastAPI runs a plain
+`def` dependency in a worker thread, and each such hop cost a keyed read more than its
+database work did (benchmarks/RESULTS_api_keyed_reads.md)."""
 
 from __future__ import annotations
 
@@ -9,13 +13,16 @@ from fastapi import Depends, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
+from starlette.concurrency import run_in_threadpool
 
 from service import idempotency
 from service.db import Database
 from service.errors import Unauthorized
+from service.events import Cursor, event_cursor
 from service.keys import authenticate
 from service.limits import OwnerSlots
 from service.models import ApiKey
+from service.trial_pages import TrialJsonCache
 
 _bearer = HTTPBearer(auto_error=False)
 
@@ -23,7 +30,7 @@ _bearer = HTTPBearer(auto_error=False)
 JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-def no_unknown_query(request: Request) -> None:
+async def no_unknown_query(request: Request) -> None:
     """Refuse query parameters the route does not declare: a typo (`?limt=5`) should be told,
     not silently ignored."""
     route = request.scope.get("route")
@@ -46,14 +53,14 @@ def _query_params(dependant: Any) -> list[Any]:
     return out
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     return request.app.state.db
 
 
 DbDep = Annotated[Database, Depends(get_db)]
 
 
-def current_key(
+async def current_key(
     request: Request,
     db: DbDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -64,7 +71,7 @@ def current_key(
         return key
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    return lookup_key(db, creds.credentials)
+    return await run_in_threadpool(lookup_key, db, creds.credentials)
 
 
 def lookup_key(db: Database, token: str) -> ApiKey:
@@ -78,7 +85,7 @@ def lookup_key(db: Database, token: str) -> ApiKey:
 KeyDep = Annotated[ApiKey, Depends(current_key)]
 
 
-def owner_scope(key: KeyDep) -> str | None:
+async def owner_scope(key: KeyDep) -> str | None:
     """The owner whose objects a request may see; admin keys see every owner's."""
     return None if key.is_admin else key.owner
 
@@ -94,7 +101,7 @@ def _key_schema(schema: dict[str, Any]) -> None:
                   pattern=idempotency.KEY_PATTERN)
 
 
-def idempotency_key(value: Annotated[str | None, Header(
+async def idempotency_key(value: Annotated[str | None, Header(
     alias=idempotency.HEADER, description=idempotency.KEY_DESCRIPTION,
     json_schema_extra=_key_schema)] = None) -> str | None:
     """The request's Idempotency-Key, or None without one."""
@@ -104,21 +111,28 @@ def idempotency_key(value: Annotated[str | None, Header(
 IdempotencyKeyDep = Annotated[str | None, Depends(idempotency_key)]
 
 
-def get_streams(request: Request) -> OwnerSlots:
+async def get_streams(request: Request) -> OwnerSlots:
     """The app's event-stream slots per owner."""
     return request.app.state.streams
 
 
-def get_renders(request: Request) -> OwnerSlots:
+async def get_renders(request: Request) -> OwnerSlots:
     """The app's report-render slots per owner."""
     return request.app.state.renders
 
 
-def get_metrics_registry(request: Request) -> CollectorRegistry:
+async def get_metrics_registry(request: Request) -> CollectorRegistry:
     """The app's Prometheus registry."""
     return request.app.state.metrics
 
 
+async def get_trial_json(request: Request) -> TrialJsonCache:
+    """The app's cache of finished trials' JSON (service.trial_pages)."""
+    return request.app.state.trial_json
+
+
 StreamsDep = Annotated[OwnerSlots, Depends(get_streams)]
+TrialJsonDep = Annotated[TrialJsonCache, Depends(get_trial_json)]
+EventCursorDep = Annotated[Cursor | None, Depends(event_cursor)]
 RendersDep = Annotated[OwnerSlots, Depends(get_renders)]
 MetricsRegistryDep = Annotated[CollectorRegistry, Depends(get_metrics_registry)]

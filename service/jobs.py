@@ -252,16 +252,36 @@ def trial_summaries(db: Database, study_names: list[str | None], session: Any = 
     if not names:
         return out
 
-    keys = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
-            "RUNNING": "running", "WAITING": "waiting"}
     rows = (trial_store.trial_summary_rows(db, names, session) if session is not None
             else DB_RETRY(trial_store.trial_summary_rows, db, names))
     for row in rows:
-        entry = out[row.study]
-        entry["counts"][keys[row.state]] = int(row.n)
-        if row.state == "COMPLETE":
-            entry["max"], entry["min"] = row.best_max, row.best_min
+        _add_to_summary(out[row.study], row.state, row.n, row.best_max, row.best_min)
     return out
+
+
+_COUNT_KEYS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
+               "RUNNING": "running", "WAITING": "waiting"}
+
+
+def _add_to_summary(entry: dict[str, Any], state: str, n: int, best_max: float | None,
+                    best_min: float | None) -> None:
+    entry["counts"][_COUNT_KEYS[state]] = int(n)
+    if state == "COMPLETE":
+        entry["max"], entry["min"] = best_max, best_min
+
+
+def job_view(db: Database, owner: str | None, job_id: int) -> dict[str, Any]:
+    """`job_public(db, get_job(db, owner, job_id))` (NotFound alike), read in one query."""
+    found = DB_RETRY(trial_store.job_summary, db, job_id)
+    if found is None or (owner is not None and found[0].owner != owner):
+        raise NotFound(f"no job {job_id}")
+    job, by_state, best = found
+    summary: dict[str, Any] = {"counts": counts([]), "max": None, "min": None}
+    for row in by_state:
+        _add_to_summary(summary, row.trial_state, row.n, None, None)
+    if summary["counts"]["complete"] and best is not None:
+        summary["max"], summary["min"] = best.best_max, best.best_min
+    return job_public(db, job, summary)  # the row has a Job's attributes
 
 
 def job_public(db: Database, job: Job, summary: dict[str, Any] | None = None
@@ -332,20 +352,16 @@ def job_trials_page(db: Database, owner: str | None, job_id: int, after: int | N
                     limit: int) -> tuple[list[dict[str, Any]], int, bool]:
     """One page of the job's trials as the REST API shows them: at most `limit` numbered
     above `after`, in number order; with the job's trial count and whether more follow.
-    Reads the page alone (trial_store.trial_page), never the whole study."""
+    Reads the page and the count in one query (trial_store.read_page), never the study."""
     job = get_job(db, owner, job_id)
     if not job.study_name:
         return [], 0, False
     name = job.study_name
-    try:  # a study deleted outside hptune is a 404, as load_job_study says
-        db.storage.get_study_id_from_name(name)
-    except KeyError:
+    page = DB_RETRY(trial_store.read_page, db, name, -1 if after is None else after, limit + 1)
+    if page is None:  # a study deleted outside hptune is a 404, as load_job_study says
         raise StudyMissing(f"job {job.id}'s study {name!r} no longer exists "
-                           "(deleted or renamed outside hptune)") from None
-    trials, retried_as = DB_RETRY(trial_store.trial_page, db, name,
-                                  -1 if after is None else after, limit + 1)
-    total = sum(DB_RETRY(trial_store.trial_state_counts, db, name).values())
-    more = len(trials) > limit
-    rows = [trial_to_dict(t, retried_as.get(t.number)) for t in trials[:limit]]
-    return rows, total, more
+                           "(deleted or renamed outside hptune)")
+    more = len(page.trials) > limit
+    rows = [trial_to_dict(t, page.retried_as.get(t.number)) for t in page.trials[:limit]]
+    return rows, page.total, more
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +18,8 @@ from service.errors import NotFound, Unauthorized
 from service.models import ApiKey, utcnow
 
 KEY_PREFIX = "hpt_"
+# Keys an API process keeps as verified (VerifiedKeys): the least recently verified go first.
+MAX_VERIFIED_KEYS = 1024
 
 
 def hash_key(key: str) -> str:
@@ -60,3 +66,62 @@ def revoke_key(session: Session, key_id: int) -> ApiKey:
         raise NotFound(f"no API key {key_id}")
     row.revoked_at = row.revoked_at or utcnow()
     return row
+
+
+class VerifiedKeys:
+    """Keys verified in the last `ttl_s` seconds, so that a burst of requests with one key
+    costs one lookup (HPTUNE_KEY_CACHE_SECONDS; 0 looks up every request).
+
+    The bound: a key revoked (or replaced) in the database is refused by this process at most
+    `ttl_s` seconds after the lookup that last verified it, so at most `ttl_s` after the
+    revocation commits. Only verified keys go in, by their hash (no secret is held), at most
+    `max_keys` of them, the least recently verified out first: unknown or forged keys are
+    looked up every time and never stored, so no client can grow it.
+    """
+
+    def __init__(self, ttl_s: float, max_keys: int = MAX_VERIFIED_KEYS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if ttl_s < 0:
+            raise ValueError(f"ttl_s must be at least 0, got {ttl_s}")
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, got {max_keys}")
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._keys: OrderedDict[str, tuple[ApiKey, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def get(self, key: str) -> ApiKey | None:
+        """The key's row if it was verified less than `ttl_s` ago, else None. Never blocks
+        on the database: the API's key check calls it in the event loop."""
+        if self.ttl_s == 0:
+            return None
+        digest = hash_key(key)
+        with self._lock:
+            hit = self._keys.get(digest)
+            if hit is None:
+                return None
+            if self._clock() >= hit[1]:
+                del self._keys[digest]
+                return None
+            return hit[0]
+
+    def verify(self, key: str, lookup: Callable[[str], ApiKey]) -> ApiKey:
+        """The key's row, from here or from `lookup(key)` (which raises for a bad key); a row
+        looked up is kept until `ttl_s` after the lookup began."""
+        row = self.get(key)
+        if row is not None:
+            return row
+        started = self._clock()
+        row = lookup(key)
+        if self.ttl_s > 0:
+            digest = hash_key(key)
+            with self._lock:
+                self._keys[digest] = (row, started + self.ttl_s)
+                self._keys.move_to_end(digest)
+                while len(self._keys) > self.max_keys:
+                    self._keys.popitem(last=False)
+        return row

@@ -103,13 +103,17 @@ class ApiKeyGate:
     would let an anonymous client make the server parse JSON or spool a multipart upload to
     disk. The key found is left in `scope["state"]["api_key"]` for the routes' dependency.
     `authenticate(key)` returns the key's row or raises Unauthorized; it runs in a thread.
+    `known(key)`, if given, returns the row of a key verified moments ago, or None, without
+    touching the database: it runs first, in the event loop, and spares a hit the thread.
     """
 
     def __init__(self, app: Any, authenticate: Callable[[str], Any],
-                 admin_paths: tuple[str, ...] = ()) -> None:
+                 admin_paths: tuple[str, ...] = (),
+                 known: Callable[[str], Any | None] | None = None) -> None:
         self.app = app
         self.authenticate = authenticate
         self.admin_paths = admin_paths
+        self.known = known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -123,8 +127,10 @@ class ApiKeyGate:
             await reply(send, 401, "missing API key: send 'Authorization: Bearer <key>'",
                         [(b"www-authenticate", b"Bearer")])
             return
+        key = self.known(token) if self.known is not None else None
         try:
-            key = await anyio.to_thread.run_sync(self.authenticate, token)
+            if key is None:
+                key = await anyio.to_thread.run_sync(self.authenticate, token)
         except Unauthorized as exc:
             await reply(send, 401, exc.message, [(b"www-authenticate", b"Bearer")])
             return

@@ -260,17 +260,25 @@ class PgBouncer:
         """The SQLAlchemy URL of `database` through PgBouncer."""
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def show(self, what: str) -> list[dict]:
-        """`SHOW <what>` on PgBouncer's admin console (simple query protocol), as dicts."""
+    def admin(self):  # -> psycopg.Connection
+        """A connection to PgBouncer's admin console (which speaks only the simple query
+        protocol: psycopg's ClientCursor)."""
         import psycopg
-        from psycopg.rows import dict_row
 
         dsn = f"host=127.0.0.1 port={self.port} user=postgres dbname=pgbouncer"
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=5,
-                             cursor_factory=psycopg.ClientCursor) as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            cur.execute(f"SHOW {what}")
-            return cur.fetchall() if cur.description else []
+        return psycopg.connect(dsn, autocommit=True, connect_timeout=5,
+                               cursor_factory=psycopg.ClientCursor)
+
+    def show(self, what: str, conn=None) -> list[dict]:
+        """`SHOW <what>` on the admin console (on `conn`, or a connection of its own)."""
+        from psycopg.rows import dict_row
+
+        if conn is None:
+            with self.admin() as own:
+                return self.show(what, own)
+        cur = conn.cursor(row_factory=dict_row)
+        cur.execute(f"SHOW {what}")
+        return cur.fetchall() if cur.description else []
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -287,3 +295,59 @@ class PgBouncer:
             return (self.root / "pgbouncer.log").read_text()[-3000:]
         except OSError:
             return ""
+
+
+class ConnectionWatch:
+    """Polls, in a thread, how many connections PostgreSQL's server has open to `database`
+    (pg_stat_activity; the watcher's own sits in another database) and, given `bouncer`, how
+    many client connections PgBouncer holds for it (SHOW POOLS); keeps the peaks.
+
+    `peak_per_process` is the most server connections one application_name held (direct
+    connections: one name per process, `hptune-<role>-<pid>`).
+    """
+
+    def __init__(self, server: PostgresServer, database: str, bouncer: PgBouncer | None = None,
+                 interval_s: float = 0.05) -> None:
+        import threading
+
+        self.server, self.database, self.bouncer = server, database, bouncer
+        self.interval_s = interval_s
+        self.peak_server = self.peak_clients = self.peak_per_process = self.samples = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="pg-watch")
+
+    def __enter__(self) -> ConnectionWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        import psycopg
+
+        query = ("SELECT application_name, COUNT(*) FROM pg_stat_activity "
+                 "WHERE datname = %s AND backend_type = 'client backend' GROUP BY 1")
+        admin = self.bouncer.admin() if self.bouncer is not None else None
+        with psycopg.connect(self.server.dsn(), autocommit=True, connect_timeout=10) as conn:
+            while not self._stop.is_set():
+                try:
+                    rows = conn.execute(query, (self.database,)).fetchall()
+                    self.peak_server = max(self.peak_server, sum(n for _, n in rows))
+                    self.peak_per_process = max([self.peak_per_process,
+                                                 *(n for name, n in rows if name)])
+                    if self.bouncer is not None:
+                        pools = [p for p in self.bouncer.show("POOLS", admin)
+                                 if p["database"] == self.database]
+                        clients = sum(p["cl_active"] + p["cl_waiting"] for p in pools)
+                        self.peak_clients = max(self.peak_clients, clients)
+                    else:
+                        self.peak_clients = self.peak_server
+                    self.samples += 1
+                except Exception as exc:  # recorded: a test asserts there were none
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                self._stop.wait(self.interval_s)
+        if admin is not None:
+            admin.close()

@@ -20,18 +20,21 @@ from fastapi.responses import (
 from starlette.background import BackgroundTask
 
 from search import JobSpec
-from service import idempotency, jobs, lifecycle, reports
+from service import idempotency, jobs, lifecycle, reports, trial_pages
 from service.deps import (
     DbDep,
+    EventCursorDep,
     IdempotencyKeyDep,
     JobId,
     KeyDep,
     OwnerDep,
     RendersDep,
     StreamsDep,
+    TrialJsonDep,
 )
+from service.events import MAX_EVENT_LIMIT
 from service.limits import OwnerSlots
-from service.routes import idempotent_response, next_page
+from service.routes import idempotent_response, model_response, next_page
 from service.schemas import ErrorBody, JobPublic, JobsPublic, JobUpdate, TrialsPublic
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
@@ -94,18 +97,19 @@ def list_jobs(db: DbDep, owner: OwnerDep,
               limit: Annotated[int, Query(ge=1, le=500, description="page size")] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31 - 1, description=(
                   "jobs to skip first (older clients; prefer the cursor)"))] = 0,
-              ) -> dict[str, Any]:
+              ) -> Response:
     """The caller's jobs, newest first, a page at a time: follow `next` until it is null."""
     rows, count = jobs.list_jobs(db, owner, limit + 1, offset, after)
     more, rows = len(rows) > limit, rows[:limit]
-    return {"data": jobs.jobs_public(db, rows), "count": count,
-            "next": next_page(router.prefix, rows[-1].id if more else None, limit)}
+    return model_response(JobsPublic, {
+        "data": jobs.jobs_public(db, rows), "count": count,
+        "next": next_page(router.prefix, rows[-1].id if more else None, limit)})
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
+def get_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> Response:
     """One job with its counts by trial state."""
-    return jobs.job_public(db, jobs.get_job(db, owner, job_id))
+    return model_response(JobPublic, jobs.job_view(db, owner, job_id))
 
 
 @router.delete("/{job_id}", status_code=204)
@@ -136,18 +140,18 @@ def resume_job(job_id: JobId, db: DbDep, owner: OwnerDep) -> dict[str, Any]:
 
 
 @router.get("/{job_id}/trials", response_model=TrialsPublic)
-def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep,
+def list_trials(job_id: JobId, db: DbDep, owner: OwnerDep, cache: TrialJsonDep,
                 after: Annotated[int | None, Query(
                     ge=0, le=2**31 - 1,
                     description="cursor: the last trial number seen")] = None,
                 limit: Annotated[int, Query(ge=1, le=1000, description="page size")] = 100,
-                ) -> dict[str, Any]:
+                ) -> Response:
     """The job's trials in number order with their state, values and why they stopped, a
     page at a time: follow `next` until it is null. `count` is all of the job's trials."""
-    data, count, more = jobs.job_trials_page(db, owner, job_id, after, limit)
-    last = data[-1]["number"] if more else None
-    return {"data": data, "count": count,
-            "next": next_page(f"{router.prefix}/{job_id}/trials", last, limit)}
+    data, count, last = trial_pages.trials_page(db, owner, job_id, after, limit, cache)
+    body = trial_pages.page_body(
+        data, count, next_page(f"{router.prefix}/{job_id}/trials", last, limit))
+    return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}/report",
@@ -181,8 +185,16 @@ def plot(job_id: JobId, name: Annotated[str, Path(max_length=50)], db: DbDep,
 
 
 @router.get("/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
-def events(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep, streams: StreamsDep
+def events(job_id: JobId, db: DbDep, key: KeyDep, owner: OwnerDep, streams: StreamsDep,
+           cursor: EventCursorDep,
+           limit: Annotated[int | None, Query(
+               ge=1, le=MAX_EVENT_LIMIT,
+               description="trial events this connection sends before it ends with a `next` "
+                           "event (default: no end before the job's)")] = None,
            ) -> StreamingResponse:
-    """Server-sent events: trial state changes, then the job's final state."""
-    stream = reports.job_events(db, owner, job_id, key.id)
+    """Server-sent events: trial state changes, each with an `id` to resume from
+    (`Last-Event-ID` or `?after=`: no change twice, none left out), then the job's final
+    state."""
+    stream = reports.job_events(db, owner, job_id, key.id, cursor=cursor, limit=limit,
+                                path=f"{router.prefix}/{job_id}/events")
     return _held_stream(streams, key.owner, stream)

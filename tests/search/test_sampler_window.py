@@ -205,12 +205,31 @@ def test_window_rejects_hostile_sizes(bad):
 
 # --- the service's read: only the view from the database, then only what changed ----------
 
-@pytest.fixture
-def db(tmp_path):
+@pytest.fixture(scope="module")
+def pg_server():
+    """A throwaway PostgreSQL cluster for this module (skipped where none can start)."""
+    from tests.postgres import PostgresServer, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL-backed test: {reason}")
+    server = PostgresServer.create()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path):
     from service.db import Database
     from service.settings import Settings
 
-    database = Database(Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}"), role="test")
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_server").create_database()
+    database = Database(Settings(database_url=url), role="test")
     yield database
     database.dispose()
 
@@ -225,7 +244,8 @@ def _history_view(db, study: optuna.Study, window: Window):
 
 @pytest.mark.parametrize("direction", ["maximize", "minimize"])
 def test_bounded_history_reads_the_view_by_sql_then_only_what_changed(db, direction):
-    n = 1000 if direction == "maximize" else 300  # 25x and 7x the window (SQLite adds slowly)
+    # 25x and 7x the window (trials are added one by one, slowly).
+    n = 1000 if direction == "maximize" and db.settings.is_sqlite else 300
     study = _big_study(n, db.storage, direction, name=f"big-{direction}")
     history, study, view = _history_view(db, study, SMALL)
     maximize = direction == "maximize"

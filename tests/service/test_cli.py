@@ -127,3 +127,36 @@ def test_worker_check_tells_a_live_worker_from_none(server, tmp_path):
     hptune("db", "upgrade", env=empty)
     r = hptune("worker", "--check", env=empty, check=False)
     assert r.returncode == 1 and "no worker on" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_terminal_report_lists_the_closest_stopped_trials_of_a_big_job():
+    """A job with thousands of stopped trials prints the 50 that came closest (the CSV and
+    JSON formats hold every one); a small job prints all of them, in number order."""
+    from rich.console import Console
+
+    from service.client import TERMINAL_STOPPED_ROWS, closest_stopped, print_report
+
+    def row(n, value=None, best=None):
+        return {"number": n, "state": "PRUNED", "params": {}, "stop_reason": "pruned",
+                "stopped_epoch": 1, "best_epoch": 1, "value": value, "reason": "pruned",
+                "details": {"best_value": best}}
+
+    stopped = [row(n, best=(n * 37 % 997) / 1000) for n in range(3000)] + [row(3000)]
+    report = {"job": {"id": 9, "name": "big", "status": "succeeded", "n_trials": 3001},
+              "counts": {"complete": 0, "pruned": 3001, "failed": 0}, "total_epochs": 3001,
+              "wall_seconds": 1.0, "best_trial": None, "direction": "minimize",
+              "spec": {"max_epochs": 5, "pruner": {"resource": "epochs"}},
+              "stopped_trials": stopped, "pruning_audit": None,
+              "compute_saved": {"pruned_epochs": 1, "pruned_epochs_share": 0.1,
+                                "early_stopped_epochs": 0, "early_stopped_epochs_share": 0.0,
+                                "full_budget_epochs": 10}}
+    shown = closest_stopped(report)
+    assert len(shown) == TERMINAL_STOPPED_ROWS
+    values = [r["details"]["best_value"] for r in shown]
+    assert values == sorted(values) and values[0] == 0.0  # minimised: lowest first
+    console = Console(record=True, width=240)
+    print_report(report, console)
+    text = console.export_text()
+    assert "3001 trials stopped before max_epochs" in text
+    assert "--format csv` lists every one" in text
+    assert closest_stopped({**report, "stopped_trials": stopped[:10]}) == stopped[:10]

@@ -109,3 +109,27 @@ def test_an_outage_answers_503_without_the_drivers_words(tmp_path):
         assert r.status_code == 503, r.text
         assert str(port) not in r.text and "127.0.0.1" not in r.text, r.text
         assert r.json()["detail"] == "database unavailable, try again shortly"
+
+
+def test_reads_without_an_orm_session_answer_503_in_an_outage():
+    """Database.reading (the hot reads' Core connection: GET /jobs/{id}, the trials page)
+    maps an outage to DatabaseUnavailable (503) as Database.session does."""
+    pytest.importorskip("psycopg")
+    from sqlalchemy import text
+
+    from service import jobs, trial_pages
+    from service.errors import DatabaseUnavailable
+
+    settings = Settings(database_url=f"postgresql+psycopg://u:pw@127.0.0.1:{free_port()}/no",
+                        db_retry_seconds=0)
+    db = scheduler.open_database(settings, retry_seconds=0)
+    try:
+        with pytest.raises(DatabaseUnavailable), db.reading() as conn:
+            conn.execute(text("SELECT 1"))
+        assert db.seconds_since_outage() < 60
+        with pytest.raises(DatabaseUnavailable):
+            jobs.job_view(db, None, 1)
+        with pytest.raises(DatabaseUnavailable):
+            trial_pages.trials_page(db, None, 1, None, 10, trial_pages.TrialJsonCache())
+    finally:
+        db.dispose()

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, Float, Integer, String
+from sqlalchemy import DateTime, Float, Integer, String, select
 from sqlalchemy import inspect as sa_inspect
 
 from search import optuna_internals
@@ -276,3 +276,80 @@ def test_outage_budget_stops_every_call_once_spent(monkeypatch):
     assert outages and budget.left() <= 0
     budget.clear()  # a success ends the outage: the next one gets the whole budget again
     assert policy(lambda: 7) == 7
+
+
+def test_job_summary_agrees_with_the_job_and_its_summary(db):
+    """trial_store.job_summary_rows, through jobs.job_view (GET /jobs/{id} in one query):
+    exactly job_public of get_job, for a job without a study, without trials, with trials of
+    every state; another owner's job and a missing one are NotFound alike."""
+    from service import jobs
+    from service.errors import NotFound
+
+    with db.session() as s:
+        bare = Job(owner="alice", name="bare", spec={"metric": "val_loss"}, status="queued",
+                   n_trials=3)
+        s.add(bare)
+        s.flush()
+        bare_id = bare.id
+    study = _study(db, "job-2")
+    with db.session() as s:
+        busy_id = s.scalar(select(Job.id).where(Job.study_name == "job-2"))
+    expected = jobs.job_public(db, jobs.get_job(db, "alice", busy_id))
+    assert jobs.job_view(db, "alice", busy_id) == expected  # a study without trials
+    for value, state in [(0.25, TrialState.COMPLETE), (0.75, TrialState.COMPLETE),
+                         (None, TrialState.PRUNED), (None, TrialState.FAIL)]:
+        t = study.ask()
+        study.tell(t, value, state=state)
+    study.ask()  # RUNNING
+    for owner, job_id in [("alice", bare_id), ("alice", busy_id), (None, busy_id)]:
+        expected = jobs.job_public(db, jobs.get_job(db, owner, job_id))
+        assert jobs.job_view(db, owner, job_id) == expected
+    assert jobs.job_view(db, None, busy_id)["counts"] == {
+        "complete": 2, "pruned": 1, "failed": 1, "running": 1, "waiting": 0}
+    assert jobs.job_view(db, None, busy_id)["best_value"] == 0.75
+    for owner, job_id in [("bob", busy_id), ("alice", 10**6)]:
+        with pytest.raises(NotFound, match=f"no job {job_id}"):
+            jobs.job_view(db, owner, job_id)
+
+
+def test_read_page_builds_trials_as_optuna_does(db):
+    """trial_store.read_page builds FrozenTrials from rows, without Optuna's ORM: equal to
+    Optuna's own for every kind of parameter, stored infinities and NaN, attributes of both
+    kinds, several objectives, and trials that never started or finished."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    dists = {"lr": FloatDistribution(1e-5, 1.0, log=True), "q": FloatDistribution(0, 1, step=0.1),
+             "n": IntDistribution(1, 64, log=True), "c": CategoricalDistribution(
+                 [None, 2, 2.5, "s", True])}
+    study = _study(db)
+    for i, value in enumerate([0.5, math.inf, -math.inf]):
+        t = study.ask(dists)
+        for step, v in enumerate([0.1, math.nan, math.inf, -math.inf, 1e-300][: i + 3]):
+            t.report(v, step * 3)
+        t.set_user_attr("nested", {"a": [1, None, "\u202e"], "i": i})
+        db.storage.set_trial_system_attr(trial_store.trial_id(t), "sys", [i, "x"])
+        study.tell(t, value)
+    study.enqueue_trial({"lr": 0.01})  # WAITING: no start time
+    study.ask()  # RUNNING
+    two = optuna.create_study(study_name="job-2", storage=db.storage,
+                              directions=["minimize", "maximize"])
+    t = two.ask(dists)
+    two.tell(t, [1.5, -math.inf])
+    for s_, name in ((study, "job-1"), (two, "job-2")):
+        page = trial_store.read_page(db, name, -1, 100)
+        assert [_nan_equal(t) for t in page.trials] == [
+            _nan_equal(t) for t in s_.get_trials(deepcopy=False)]
+        assert page.total == len(page.trials) and page.retried_as == {}
+    assert trial_store.read_page(db, "no-such-study", -1, 10) is None
+
+
+def _nan_equal(trial: optuna.trial.FrozenTrial) -> dict:
+    """The trial's fields, NaN intermediate values as a string (NaN equals nothing)."""
+    fields = dict(trial.__dict__)
+    fields["intermediate_values"] = {k: "nan" if math.isnan(v) else v
+                                     for k, v in trial.intermediate_values.items()}
+    return fields
