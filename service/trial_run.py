@@ -86,7 +86,10 @@ class TrialRun:
     _last_status_read: float = -math.inf
 
     def on_started(self, trial: optuna.Trial) -> None:
-        """The trial exists: beat once at once, start the heartbeat, release the claim lock."""
+        """The trial exists (its slot is counted): release the claim lock, then beat once at
+        once and start the heartbeat (the reaper gives a trial that never beat the grace
+        period, so the first beat need not happen under the lock)."""
+        self.release_lock()
         self.trial = trial
         trial_id = trial_store.trial_id(trial)
         storage = self.db.storage
@@ -98,7 +101,6 @@ class TrialRun:
             log.warning("first heartbeat of trial %s failed: %s", trial.number, one_line(exc))
         self.heartbeat = Heartbeat(storage, trial_id, self.db.settings.heartbeat_interval)
         self.heartbeat.start()
-        self.release_lock()
 
     def release_lock(self) -> None:
         if self.lock is not None:

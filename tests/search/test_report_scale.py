@@ -101,10 +101,12 @@ def test_learning_curves_draw_the_best_and_a_sample(job):
     study, trials, _ = job
     fig = render_figure(study, "learning_curves", trials=trials)
     assert _segments(fig) == MAX_CURVES
-    # The best curves are among them, and the legend counts every trial.
+    # Those of the best BEST_CURVES trials and an even sample of the others, a collection
+    # per outcome; the legend counts every trial.
     (ax,) = fig.axes
-    best = pick(trials, MAX_CURVES, BEST_CURVES, best_first(True))
-    assert len(best) == MAX_CURVES
+    drawn = Counter(outcome(t) for t in pick(trials, MAX_CURVES, BEST_CURVES, best_first(True)))
+    assert sorted(len(c.get_segments()) for c in ax.collections
+                  if isinstance(c, LineCollection)) == sorted(drawn.values())
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     pruned = sum(outcome(t) == "pruned" for t in trials)
     assert f"pruned ({pruned})" in labels

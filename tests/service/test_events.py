@@ -1,7 +1,7 @@
 """The event stream's cursor: each trial event's `id` resumes the stream (Last-Event-ID or
 ?after=) with exactly the changes not yet seen; `limit` ends a connection with a `next`
 event; hostile cursors answer 422; and a poll costs the same in a 50- and a 2,000-trial job.
-In process on a real SQLite file; the trials are written straight into the job's study, and
+In process on SQLite and PostgreSQL; the trials are written straight into the job's study, and
 no reaper runs (the app's lifespan is not entered), so only the test changes them."""
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ TINY = {"n_trials": 5000, "max_epochs": 1, "model": {"hidden_layers": [4]}}
 
 
 @pytest.fixture
-def app_db(tmp_path):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'events.db'}",
-                        max_queued_trials_per_owner=100_000)
+def app_db(backend):
+    settings = Settings(database_url=backend.url, max_queued_trials_per_owner=100_000)
     db = scheduler.open_database(settings)
     upgrade(db)
     with db.session() as s:

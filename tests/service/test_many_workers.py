@@ -157,6 +157,53 @@ def test_pooled_engines_prepare_nothing(pg_server, pgbouncer):
             _repeat_statement(url, "none")
 
 
+def test_lock_waiters_hold_no_server_connection(pg_server, pgbouncer):
+    """Behind transaction pooling, more processes waiting for a job's lock than PgBouncer has
+    server connections leave the holder free to work: waiters poll, they never wait in the
+    server (no backend waits on a lock), and each gets the lock once the holder lets go."""
+    import threading
+
+    from sqlalchemy import text
+
+    from service.db import Database
+
+    database = pg_server.create_database("hptune_locks").rsplit("/", 1)[1]
+    settings = Settings(database_url=pgbouncer.url(database), database_pooler="transaction")
+    holder = Database(settings, role="holder")
+    waiters = [Database(settings, role="waiter") for _ in range(POOL_SIZE + 4)]
+    got: list[int] = []
+    lock = holder.job_lock(7)
+    lock.acquire()
+
+    def wait_for_lock(i: int, db: Database) -> None:
+        with db.job_lock(7):
+            got.append(i)
+
+    threads = [threading.Thread(target=wait_for_lock, args=(i, db), daemon=True)
+               for i, db in enumerate(waiters)]
+    try:
+        for t in threads:
+            t.start()
+        for _ in range(200):  # bounded: until every waiter is connected to PgBouncer
+            pools = [p for p in pgbouncer.show("POOLS") if p["database"] == database]
+            if pools and pools[0]["cl_active"] + pools[0]["cl_waiting"] > len(waiters):
+                break
+            threading.Event().wait(0.05)
+        for _ in range(20):  # the holder's other work still gets a server connection
+            with holder.session() as s:
+                assert s.execute(text("SELECT 1")).scalar() == 1
+        blocked = pg_server.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = "
+                                    f"'{database}' AND wait_event_type = 'Lock'")[0][0]
+        assert blocked == 0 and not got
+    finally:
+        lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        for db in (holder, *waiters):
+            db.dispose()
+    assert sorted(got) == list(range(len(waiters)))
+
+
 def test_pooler_setting_is_for_postgresql():
     with pytest.raises(ValueError, match="HPTUNE_DATABASE_POOLER"):
         Settings(database_url="sqlite:///x.db", database_pooler="transaction")
