@@ -32,7 +32,7 @@ import numpy as np
 
 from trainer import Dataset, Task
 from trainer.activations import LEAKY_SLOPE
-from trainer.onnx_export import BATCH_DIM, INPUT_NAME, OPSET
+from trainer.onnx_export import BATCH_DIM, INPUT_NAME, OPSET, label_array, labels_are_ids
 from trainer.vocab import Activation
 
 CNN_CHANNELS = (16, 32)
@@ -126,7 +126,7 @@ def to_onnx(torch: Any, net: Any, data: Dataset, objective: str) -> bytes:
                                                                           *outputs]})
     model = onnx.load_from_string(buf.getvalue())
     labels = None if regression else _labels(data)
-    if labels is not None and not _is_identity(labels):
+    if labels is not None and not labels_are_ids(labels):
         _gather_labels(model, labels)
     model.ir_version = min(model.ir_version, 8)
     model.producer_name = "hptune"
@@ -136,21 +136,10 @@ def to_onnx(torch: Any, net: Any, data: Dataset, objective: str) -> bytes:
 
 
 def _labels(data: Dataset) -> np.ndarray:
-    """The class labels as the NumPy exporter writes them: int64, float64 or strings."""
+    """The class labels as the NumPy exporter writes them (trainer.onnx_export.label_array)."""
     if data.classes is None:
         return np.arange(data.n_classes, dtype=np.int64)
-    labels = np.asarray(data.classes).reshape(-1)
-    if labels.dtype.kind in "biu":
-        return labels.astype(np.int64)
-    if labels.dtype.kind == "f":
-        if np.isfinite(labels).all() and (labels == np.round(labels)).all():
-            return labels.astype(np.int64)
-        return labels.astype(np.float64)
-    return np.array([str(v) for v in labels], dtype=object)
-
-
-def _is_identity(labels: np.ndarray) -> bool:
-    return labels.dtype == np.int64 and bool((labels == np.arange(len(labels))).all())
+    return label_array(data.classes)
 
 
 def _gather_labels(model: Any, labels: np.ndarray) -> None:

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 
 from service.cli_lifecycle import lifecycle_app
-from service.cli_models import models_app
+from service.cli_models import models_app, write_output
 from service.client import ApiError, Client, print_report, watch
 from service.spawn import (
     WORKER_STOP_TIMEOUT_S,
@@ -306,11 +306,7 @@ def report(
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
         return
-    try:
-        output.write_bytes(body)
-    except OSError as exc:
-        err.print(f"[red]cannot write {output}: {exc.strerror}")
-        raise typer.Exit(1) from None
+    write_output(output, body, err)
     err.print(f"wrote the {format_.value} report of job {job_id} to {output}")
 
 

@@ -4,7 +4,7 @@ the service (REST side: service/routes/models.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,6 +15,15 @@ UrlOpt = Annotated[str, typer.Option(envvar="HPTUNE_URL", help="API base URL.")]
 KeyOpt = Annotated[str | None, typer.Option(envvar="HPTUNE_API_KEY", help="API key.")]
 TrialOpt = Annotated[int | None, typer.Option(
     "--trial", min=0, help="A trial's number; default: the job's best stored model.")]
+
+
+def write_output(path: Path, body: bytes, err: Any) -> None:
+    """Write `body` to `path`, or say why not on `err` and exit 1 (no traceback)."""
+    try:
+        path.write_bytes(body)
+    except OSError as exc:
+        err.print(f"[red]cannot write {path}: {exc.strerror}")
+        raise typer.Exit(1) from None
 
 
 @models_app.command()
@@ -30,11 +39,7 @@ def model(
     from service.cli import _api_call, _client, err
 
     number, body = _api_call(_client(url, key).model, job_id, trial)
-    try:
-        output.write_bytes(body)
-    except OSError as exc:
-        err.print(f"[red]cannot write {output}: {exc.strerror}")
-        raise typer.Exit(1) from None
+    write_output(output, body, err)
     err.print(f"wrote the model of job {job_id}, trial {number} ({len(body)} bytes) to {output}")
 
 

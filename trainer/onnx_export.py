@@ -176,7 +176,7 @@ def _head(g: _Graph, task: Task, z: str, labels, target_mean, target_std):
         positive = g.op("Greater", [flat, g.scalar("zero", 0.0)])
         ids = g.op("Cast", [positive], to=TensorProto.INT64)
     n_classes = len(labels)
-    if _is_identity(labels):
+    if labels_are_ids(labels):
         g.op("Identity", [ids], "predictions")
         label_type = TensorProto.INT64
     else:
@@ -231,9 +231,16 @@ def _checked_labels(network: MLP, task: Task, class_labels) -> np.ndarray | None
     n_classes = network.sizes[-1] if task == Task.MULTICLASS else 2
     if class_labels is None:
         return np.arange(n_classes, dtype=np.int64)
-    labels = np.asarray(class_labels).reshape(-1)
+    labels = label_array(class_labels)
     if len(labels) != n_classes:
         raise ValueError(f"class_labels must have {n_classes} values, got {len(labels)}")
+    return labels
+
+
+def label_array(class_labels) -> np.ndarray:
+    """Class labels as an exported graph holds them: int64 (whole numbers), float64 or
+    strings."""
+    labels = np.asarray(class_labels).reshape(-1)
     if labels.dtype.kind in "biu":
         return labels.astype(np.int64)
     if labels.dtype.kind == "f":
@@ -243,8 +250,11 @@ def _checked_labels(network: MLP, task: Task, class_labels) -> np.ndarray | None
     return np.array([str(v) for v in labels], dtype=object)
 
 
-def _is_identity(labels: np.ndarray) -> bool:
+def labels_are_ids(labels: np.ndarray) -> bool:
+    """Whether the labels are the class ids 0..k-1 themselves (no Gather needed)."""
     return labels.dtype == np.int64 and bool((labels == np.arange(len(labels))).all())
+
+
 
 
 def _tensor_type(labels: np.ndarray) -> int:
