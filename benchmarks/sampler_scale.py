@@ -14,9 +14,11 @@ as wall time and as this process's CPU time (which a shared machine's load infla
 figures are medians over trials 100-300 and over the last 200 trials of the same run, and
 their ratio (target for the default: at most 2 at 10,000 trials).
 
-- ``default``: build_sampler as the worker calls it (WindowedTPESampler, BoundedHistory).
+- ``default``: build_sampler and build_pruner as the worker calls them (WindowedTPESampler
+  with a BoundedHistory; BoundedSuccessiveHalvingPruner with a RungReader).
 - ``plain``: Optuna's TPESampler with the same options, rebuilt per trial as the worker did
-  before (the reference; --plain-trials, 2,000 by default).
+  before, and Optuna's SuccessiveHalvingPruner (the reference; --plain-trials, 2,000 by
+  default).
 
 Usage (repository root):
     python -m benchmarks.sampler_scale                    # 10,000 default + 2,000 plain
@@ -90,10 +92,14 @@ def run(config: str, n_trials: int, workdir: Path, save: Path | None = None) -> 
         started, cpu_started = time.perf_counter(), time.process_time()
         sampler.append(0.0)
         study = worker._study(Claim(job_id=1, spec=spec, study_name=name, claim_number=i))
-        if config == "plain":  # build_sampler's TPE before the window: same options and seed
+        if config == "plain":  # the worker before: plain TPE (same options and seed) and
+            # Optuna's successive halving, both reading the whole study
             study.sampler = optuna.samplers.TPESampler(
                 seed=(spec.seed * 1_000_003 + i) % 2**32, multivariate=True,
                 n_startup_trials=spec.sampler.n_startup_trials, constant_liar=True)
+            study.pruner = optuna.pruners.SuccessiveHalvingPruner(
+                min_resource=spec.pruner.min_resource,
+                reduction_factor=spec.pruner.reduction_factor)
         _time_sampler(study.sampler, sampler)
         run_trial(study, spec, data)
         total.append(time.perf_counter() - started)

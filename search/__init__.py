@@ -1,5 +1,6 @@
 """Optuna side of hptune: job specs, studies, the trial runner and reports."""
 
+from search.pruners import build_pruner, explain_prune
 from search.report import build_report, counts, trial_to_dict, trials_to_dicts
 from search.runner import run_trial
 from search.spec import JobSpec, metric_direction
@@ -7,10 +8,8 @@ from search.study import (
     ATTR_STOP_CAUSE,
     StopCause,
     TrialOutcome,
-    build_pruner,
     build_sampler,
     create_study,
-    explain_prune,
     load_study,
     study_name_for,
 )

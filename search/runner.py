@@ -26,15 +26,14 @@ from search.objectives import (
     get_objective,
 )
 from search.optuna_internals import frozen_trial
+from search.pruners import build_pruner, explain_prune, rung_source
 from search.spec import JobSpec
 from search.study import (
     ATTR_BEST_EPOCH,
     ATTR_STOP_REASON,
     ATTR_STOPPED_EPOCH,
     TrialOutcome,
-    build_pruner,
     distributions,
-    explain_prune,
     fixed_params,
     suggest_conditional,
 )
@@ -69,7 +68,7 @@ def run_trial(
     by_examples = spec.pruner.resource == "examples"
     if by_examples:
         # Hyperband's largest rung depends on the dataset's size.
-        study.pruner = build_pruner(spec, n_train=n_train)
+        study.pruner = build_pruner(spec, n_train=n_train, rungs=rung_source(study.pruner))
     early = (None if objective.stops_early_itself else
              EarlyStopping(spec.early_stopping.patience, spec.early_stopping.min_delta,
                            spec.direction))

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -16,17 +15,11 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
-from search.optuna_internals import (
-    hyperband_bracket,
-    patient_settings,
-    percentile,
-    reduction_factor,
-    threshold_bounds,
-)
+from search.pruners import build_pruner
 from search.sampler import HistorySource, WindowedTPESampler
-from search.spec import CORE_PARAMS, JobSpec, PrunerSpec
+from search.spec import CORE_PARAMS, JobSpec
 from search.spec_dims import Fixed, FloatRange, IntChoices
 from trainer import Optimizer, TrainConfig
 
@@ -108,41 +101,6 @@ def build_sampler(spec: JobSpec, seed_offset: int = 0, history: HistorySource | 
         # Running trials count as "bad" so parallel workers spread out.
         constant_liar=True,
     )
-
-
-def build_pruner(spec: JobSpec | PrunerSpec, max_resource: int | None = None,
-                 n_train: int | None = None) -> optuna.pruners.BasePruner:
-    """The spec's pruner, with steps counted in the spec's resource (epochs or examples).
-
-    Hyperband's max_resource is max_epochs, or max_epochs x n_train (the dataset's training
-    rows) with resource "examples"; "auto" where that is unknown.
-    """
-    if isinstance(spec, JobSpec):
-        max_resource = spec.max_epochs
-        if spec.pruner.resource == "examples":
-            max_resource = spec.max_epochs * n_train if n_train else None
-        return build_pruner(spec.pruner, max_resource)
-    p = spec
-    if p.name == "none":
-        return optuna.pruners.NopPruner()
-    if p.name == "median":
-        return optuna.pruners.MedianPruner(
-            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if p.name == "percentile":
-        return optuna.pruners.PercentilePruner(
-            p.percentile, n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if p.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor)
-    if p.name == "threshold":
-        return optuna.pruners.ThresholdPruner(lower=p.lower, upper=p.upper,
-                                              n_warmup_steps=p.n_warmup_steps)
-    if p.name == "patient":
-        wrapped = build_pruner(p.wrapped, max_resource) if p.wrapped else None
-        return optuna.pruners.PatientPruner(wrapped, patience=p.patience, min_delta=p.min_delta)
-    return optuna.pruners.HyperbandPruner(
-        min_resource=p.min_resource, max_resource=max_resource or "auto",
-        reduction_factor=p.reduction_factor)
 
 
 MOMENTUM_OPTIMIZERS = tuple(o for o in Optimizer if o.uses_momentum)
@@ -322,79 +280,3 @@ class TrialOutcome:
     state: TrialState
     stop_reason: str
     value: float | None
-
-
-def explain_prune(study: optuna.Study, trial: FrozenTrial, step: int,
-                  pruner: optuna.pruners.BasePruner | None = None) -> dict[str, Any]:
-    """Why the pruner stopped `trial` at `step`: its value, the cut-off and the peer count.
-
-    Mirrors the decision rules of Optuna's pruners (reading their settings), so the report can
-    say what the trial was compared with.
-    """
-    pruner = pruner or study.pruner
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    value = trial.intermediate_values.get(step, math.nan)
-    info: dict[str, Any] = {"pruner": _pruner_name(pruner), "prune_step": step,
-                            "prune_value": value}
-    if isinstance(pruner, optuna.pruners.PatientPruner):
-        inner, patience = patient_settings(pruner)
-        details = explain_prune(study, trial, step, inner) if inner else {}
-        details.update(pruner="patient", prune_patience=patience,
-                       prune_wrapped=_pruner_name(inner) if inner else "none")
-        return details
-    if isinstance(pruner, optuna.pruners.ThresholdPruner):
-        lower, upper = threshold_bounds(pruner)
-        info["prune_cutoff"] = lower if lower is not None and value < lower else upper
-        return info
-    if isinstance(pruner, optuna.pruners.PercentilePruner):
-        # Compares the trial's best-so-far with a percentile of the completed trials' values
-        # at the same step.
-        values = list(trial.intermediate_values.values())
-        best = float(np.nanmax(values) if maximize else np.nanmin(values))
-        peers = [
-            t.intermediate_values[step]
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if step in t.intermediate_values
-        ]
-        info.update(prune_value=best, prune_n_peers=len(peers))
-        if peers:
-            q = percentile(pruner)
-            info["prune_cutoff"] = float(np.nanpercentile(peers, 100 - q if maximize else q))
-        return info
-    if isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner | optuna.pruners.HyperbandPruner):
-        rungs = sorted(
-            int(k.rsplit("_", 1)[1]) for k in trial.system_attrs if k.startswith("completed_rung_")
-        )
-        if not rungs:
-            return info
-        rung = rungs[-1]
-        key = f"completed_rung_{rung}"
-        peers_trials = study.get_trials(deepcopy=False)
-        if isinstance(pruner, optuna.pruners.HyperbandPruner):
-            # Hyperband compares a trial only with the trials of its own bracket.
-            bracket = hyperband_bracket(pruner, study, trial)
-            peers_trials = [t for t in peers_trials
-                            if hyperband_bracket(pruner, study, t) == bracket]
-            info["prune_bracket"] = bracket
-        competing = sorted(float(t.system_attrs[key]) for t in peers_trials
-                           if key in t.system_attrs)
-        idx = max(len(competing) // reduction_factor(pruner) - 1, 0)
-        cutoff = competing[-(idx + 1)] if maximize else competing[idx]
-        info.update(prune_rung=rung, prune_value=float(trial.system_attrs[key]),
-                    prune_cutoff=cutoff, prune_n_peers=len(competing))
-    return info
-
-
-def _pruner_name(pruner: optuna.pruners.BasePruner) -> str:
-    if isinstance(pruner, optuna.pruners.MedianPruner):
-        return "median"
-    names = {
-        optuna.pruners.PercentilePruner: "percentile",
-        optuna.pruners.SuccessiveHalvingPruner: "successive_halving",
-        optuna.pruners.HyperbandPruner: "hyperband",
-        optuna.pruners.ThresholdPruner: "threshold",
-        optuna.pruners.PatientPruner: "patient",
-        optuna.pruners.NopPruner: "none",
-    }
-    return names.get(type(pruner), type(pruner).__name__)
-

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from service.cli_lifecycle import lifecycle_app
 from service.cli_models import models_app, write_output
+from service.cli_trials import trials_app
 from service.client import ApiError, Client, print_report, watch
 from service.spawn import (
     WORKER_STOP_TIMEOUT_S,
@@ -36,6 +37,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lifecycle_app)  # `extend` and `resume` (service/cli_lifecycle.py)
 app.add_typer(models_app)  # `model` and `predict` (service/cli_models.py)
+app.add_typer(trials_app)  # `trials` (service/cli_trials.py)
 
 console = Console()
 # Messages are not wrapped: they may be read by scripts as much as by people.

@@ -25,7 +25,8 @@ import warnings
 import optuna
 from threadpoolctl import threadpool_limits
 
-from search import TrialOutcome, build_sampler, load_study, run_trial
+from search import TrialOutcome, build_pruner, build_sampler, load_study, run_trial
+from search.pruners import rung_source
 from service import reaper, scheduler, trial_store
 from service.artifacts import WorkerArtifacts
 from service.datasets import load_job_dataset
@@ -76,7 +77,8 @@ class Worker:
 
         TPE reads its bounded view of the study through a trial_store.BoundedHistory, which
         lives as long as the open study (on its sampler): each trial's new sampler takes it
-        over, so every ask reads only what changed since the last.
+        over, so every ask reads only what changed since the last. Successive halving reads
+        its competitors through a trial_store.RungReader kept the same way (on the pruner).
         """
         study = self._studies.pop(claim.study_name, None)
         if study is None:
@@ -86,6 +88,10 @@ class Worker:
         if not isinstance(history, trial_store.BoundedHistory):
             history = trial_store.BoundedHistory(self.db, claim.study_name)
         study.sampler = build_sampler(claim.spec, claim.claim_number, history=history)
+        rungs = rung_source(study.pruner)
+        if not isinstance(rungs, trial_store.RungReader):
+            rungs = trial_store.RungReader(self.db, claim.study_name)
+        study.pruner = build_pruner(claim.spec, rungs=rungs)
         self._studies[claim.study_name] = study
         while len(self._studies) > STUDY_CACHE_SIZE:
             self._studies.pop(next(iter(self._studies)))

@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from search import JobSpec
+from search.pruners import BoundedSuccessiveHalvingPruner
 from search.study import build_pruner, build_sampler
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "RESULTS_search.md"
@@ -66,7 +67,9 @@ def test_default_pruner_rungs_in_epochs():
     spec = JobSpec()
     assert spec.max_epochs == 30
     pruner = build_pruner(spec)
-    assert type(pruner) is optuna.pruners.SuccessiveHalvingPruner
+    # Optuna's successive halving, reading its competitors a bounded amount (search.pruners).
+    assert type(pruner) is BoundedSuccessiveHalvingPruner
+    assert isinstance(pruner, optuna.pruners.SuccessiveHalvingPruner)
     study = optuna.create_study(direction="maximize", pruner=pruner)
     trial = study.ask()
     rungs = []

@@ -4,7 +4,7 @@ import csv
 import json
 import time
 
-from tests.conftest import hptune
+from tests.conftest import create_key, hptune
 
 JOB = {"name": "cli-job", "n_trials": 4, "max_epochs": 4, "model": {"hidden_layers": [16]},
        "search_space": {"batch_size": {"choices": [128, 256]}},
@@ -61,6 +61,60 @@ def test_report_saves_the_html_page_and_the_csv(server, tmp_path):
     r = hptune("report", str(job_id), "-o", str(tmp_path / "no" / "such.csv"), env=env,
                check=False)
     assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trials_prints_the_table_and_saves_every_trial(server, tmp_path):
+    client = server.client("cli-user")
+    env = {**server.env, "HPTUNE_URL": server.url, "HPTUNE_API_KEY": server.keys["cli-user"],
+           "COLUMNS": "200"}
+    job_id = client.post("/api/v1/jobs", json={**JOB, "name": "cli-trials"}).json()["id"]
+    server.wait_job(client, job_id)
+    count = client.get(f"/api/v1/jobs/{job_id}/trials", params={"limit": 1}).json()["count"]
+
+    saved = tmp_path / "trials.json"
+    r = hptune("trials", str(job_id), "-o", str(saved), env=env)
+    assert f"{count} trials of job {job_id}" in r.stderr and r.stdout == ""
+    body = json.loads(saved.read_text())
+    assert body["count"] == count == len(body["trials"]) >= JOB["n_trials"]
+    assert sorted(t["number"] for t in body["trials"]) == list(range(count))
+    assert {"state", "value", "params", "stop_reason"} <= body["trials"][0].keys()
+
+    table = hptune("trials", str(job_id), env=env).stdout
+    assert f"job {job_id}: {count} trials" in table and "batch_size" in table
+    assert all(f" {t['state'].lower()} " in table for t in body["trials"])
+    assert "left out" not in table  # a small job prints every trial
+    from service.cli_trials import trial_tail
+    from service.client import Client
+
+    rows, total = trial_tail(Client(server.url, server.keys["cli-user"]), job_id, 2)
+    assert total == count and [t["number"] for t in rows] == [count - 2, count - 1]
+
+    r = hptune("trials", str(job_id), "-o", str(tmp_path / "trials.csv"), env=env, check=False)
+    assert r.returncode == 2 and ".json" in r.stderr and "Traceback" not in r.stderr
+    r = hptune("trials", "999999", env=env, check=False)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr
+    other = {**env, "HPTUNE_API_KEY": create_key(server.env, "cli-other")}
+    r = hptune("trials", str(job_id), "-o", str(tmp_path / "theirs.json"), env=other,
+               check=False)
+    assert r.returncode == 1 and "HTTP 404" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "theirs.json").exists()
+
+
+def test_trials_table_shows_the_last_rows_of_a_long_job():
+    """A job with more trials than the table holds: the last 50 and how to get every one."""
+    from rich.console import Console
+
+    from service.cli_trials import TERMINAL_TRIAL_ROWS, print_trials
+
+    rows = [{"number": n, "state": "PRUNED", "value": None, "stop_reason": "pruned",
+             "stopped_epoch": 2, "best_epoch": 1, "params": {"dropout": 0.1}}
+            for n in range(950, 1000)]
+    console = Console(record=True, width=200)
+    print_trials(7, rows, 1000, console)
+    text = console.export_text()
+    assert len(rows) == TERMINAL_TRIAL_ROWS and "job 7: 1000 trials" in text
+    assert "950 earlier ones left out" in text and "hptune trials 7 -o trials.json" in text
+    assert " 999 " in text and " 949 " not in text
 
 
 def test_cli_errors_are_messages_not_tracebacks(server, tmp_path):

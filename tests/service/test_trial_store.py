@@ -19,11 +19,13 @@ from sqlalchemy import DateTime, Float, Integer, String, select
 from sqlalchemy import inspect as sa_inspect
 
 from search import optuna_internals
+from search.pruners import BoundedSuccessiveHalvingPruner
 from service import retry, scheduler, trial_store
 from service.errors import DatabaseUnavailable
 from service.migrate import upgrade
 from service.models import Job
 from service.settings import Settings
+from tests.search.test_pruners import decisions
 
 # Every table and column the named SQL and the buffered user attributes use, with the kind of
 # type they are read as. `trials.state` is an enum (PostgreSQL ENUM, SQLite VARCHAR): the SQL
@@ -353,3 +355,22 @@ def _nan_equal(trial: optuna.trial.FrozenTrial) -> dict:
     fields["intermediate_values"] = {k: "nan" if math.isnan(v) else v
                                      for k, v in trial.intermediate_values.items()}
     return fields
+
+
+@pytest.mark.parametrize("full_every", [1, 7, 10**9])
+def test_rung_reader_decides_as_optuna_reading_each_value_once(db, full_every):
+    expected = decisions(optuna.pruners.SuccessiveHalvingPruner(min_resource=1,
+                                                                reduction_factor=3), "minimize")
+    reader = trial_store.RungReader(db, "job-rungs", full_every=full_every)
+    ours = BoundedSuccessiveHalvingPruner(min_resource=1, reduction_factor=3, rungs=reader)
+    assert decisions(ours, "minimize", storage=db.storage, study_name="job-rungs") == expected
+    study = optuna.load_study(study_name="job-rungs", storage=db.storage)
+    recorded = sum(k.startswith("completed_rung_") for t in study.get_trials()
+                   for k in t.system_attrs)
+    assert recorded > 60
+    if full_every == 10**9:  # incremental only: every recorded value read exactly once
+        assert reader.rows_read == recorded
+    else:  # the periodic whole reads read more
+        assert reader.rows_read > recorded
+    with pytest.raises(ValueError, match="job-rungs"):
+        reader(optuna.create_study(study_name="other"), "completed_rung_0")
