@@ -27,7 +27,7 @@ from service import trial_store
 from service.db import Database
 from service.errors import Conflict, InvalidSpec, NotFound, QuotaExceeded
 from service.job_checks import check_spec
-from service.models import Job, as_utc, utcnow
+from service.models import Job, as_utc, job_stats, utcnow
 from service.repository import get_owned
 from service.retry import DB_RETRY
 from service.status import ACTIVE, JobStatus
@@ -345,6 +345,7 @@ def delete_job(db: Database, owner: str | None, job_id: int) -> None:
 
     DB_RETRY(delete_job_artifacts, db, job_id)
     with db.session() as s:
+        s.execute(delete(job_stats).where(job_stats.c.job_id == job_id))
         s.delete(s.get(Job, job_id))
 
 

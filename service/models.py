@@ -9,11 +9,14 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -86,6 +89,27 @@ class Artifact(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+# Trial duration histogram buckets (seconds) of /metrics, and their job_stats columns.
+DURATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+BUCKET_COLUMNS = tuple(f"le_{str(b).replace('.', '_')}s" for b in DURATION_BUCKETS_S)
+
+# An ended job's trials summed once for /metrics (service/metrics.py): valid while the job's
+# finished_at is this row's (an extended or resumed job ends again with another).
+job_stats = Table(
+    "hptune_job_stats", Base.metadata,
+    Column("job_id", Integer, primary_key=True),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("complete", Integer, nullable=False),
+    Column("pruned", Integer, nullable=False),
+    Column("failed", Integer, nullable=False),
+    Column("durations", Integer, nullable=False),
+    Column("duration_sum", Float, nullable=False),
+    *(Column(name, Integer, nullable=False) for name in BUCKET_COLUMNS),
+    Column("saved_pruned", Float, nullable=False),
+    Column("saved_early_stopped", Float, nullable=False),
+)
 
 
 class UploadedDataset(Base):

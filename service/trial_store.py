@@ -76,6 +76,7 @@ __all__ = [
     "trial_state_counts",
     "trial_study_id",
     "trial_summary_rows",
+    "trial_totals",
     "trials_by_id",
 ]
 
@@ -400,13 +401,13 @@ _STATES_AND_VALUES = text(
     "LEFT JOIN trial_values v ON v.trial_id = t.trial_id AND v.objective = 0 "
     "WHERE s.study_name = :name AND t.number IN :numbers"
 ).bindparams(bindparam("numbers", expanding=True))
-# Every study's trials by state, for /metrics: one aggregate however many jobs there are.
-_TRIALS_BY_STATE = text(
-    "SELECT CAST(state AS VARCHAR(16)) AS state, COUNT(*) AS n FROM trials GROUP BY state")
-# A finished trial's wall time in seconds, in each dialect's date arithmetic.
+# Optuna's trial state names, as trial_totals sums them.
+_TRIAL_STATE_NAMES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+# A finished trial's wall time in seconds, in each dialect's date arithmetic (NULL while the
+# trial has no start or end).
 _DURATION_S = {
-    "sqlite": "(julianday(datetime_complete) - julianday(datetime_start)) * 86400.0",
-    "postgresql": "EXTRACT(EPOCH FROM (datetime_complete - datetime_start))",
+    "sqlite": "(julianday(t.datetime_complete) - julianday(t.datetime_start)) * 86400.0",
+    "postgresql": "EXTRACT(EPOCH FROM (t.datetime_complete - t.datetime_start))",
 }
 
 
@@ -515,28 +516,40 @@ def trial_study_id(db: Database, trial_id: int) -> int | None:
     return None if value is None else int(value)
 
 
-def trials_by_state(db: Database) -> dict[str, int]:
-    """Every trial in the database by state name, in one aggregate query."""
-    with db.session() as s:
-        rows = s.execute(_TRIALS_BY_STATE).all()
-    return {str(r.state): int(r.n) for r in rows}
+class TrialTotals(NamedTuple):
+    """Some studies' trials summed: by state name, and finished trials' wall times as the
+    count, the sum and cumulative counts at each bucket bound (seconds)."""
+
+    states: dict[str, int]
+    durations: int
+    duration_sum: float
+    buckets: tuple[int, ...]
 
 
-def trial_duration_histogram(db: Database, buckets_s: Sequence[float]
-                             ) -> tuple[list[int], int, float]:
-    """Finished trials' wall times as cumulative counts at each bucket bound (seconds), the
-    count and the sum: computed in the database, not by loading trials."""
+def trial_totals(db: Database, study_names: Sequence[str], buckets_s: Sequence[float]
+                 ) -> dict[str, TrialTotals]:
+    """For each of the studies, its trials summed in the database (never loaded)."""
+    if not study_names:
+        return {}
     seconds = _DURATION_S["sqlite" if db.settings.is_sqlite else "postgresql"]
     # The bounds are the caller's numbers (float() makes them plain literals), never input.
-    cases = ", ".join(f"SUM(CASE WHEN d <= {float(b)!r} THEN 1 ELSE 0 END) AS b{i}"
-                      for i, b in enumerate(buckets_s))
-    query = text(f"SELECT {cases}, COUNT(*) AS n, COALESCE(SUM(d), 0) AS total FROM "
-                 f"(SELECT {seconds} AS d FROM trials WHERE datetime_start IS NOT NULL "
-                 "AND datetime_complete IS NOT NULL) durations")
+    cases = "".join(f", SUM(CASE WHEN d <= {float(b)!r} THEN 1 ELSE 0 END) AS b{i}"
+                    for i, b in enumerate(buckets_s))
+    states = "".join(f", SUM(CASE WHEN state = '{name}' THEN 1 ELSE 0 END) AS {name.lower()}"
+                     for name in _TRIAL_STATE_NAMES)
+    query = text(
+        f"SELECT name, COUNT(d) AS n, COALESCE(SUM(d), 0) AS total{cases}{states} FROM "
+        f"(SELECT s.study_name AS name, CAST(t.state AS VARCHAR(16)) AS state, {seconds} AS d "
+        "FROM studies s JOIN trials t ON t.study_id = s.study_id "
+        "WHERE s.study_name IN :names) x GROUP BY name"
+    ).bindparams(bindparam("names", expanding=True))
     with db.session() as s:
-        row = s.execute(query).one()
-    counts = [int(row[i] or 0) for i in range(len(buckets_s))]
-    return counts, int(row.n), float(row.total)
+        rows = s.execute(query, {"names": list(study_names)}).all()
+    return {str(r.name): TrialTotals(
+        {name: int(getattr(r, name.lower()) or 0) for name in _TRIAL_STATE_NAMES},
+        int(r.n), float(r.total),
+        tuple(int(getattr(r, f"b{i}") or 0) for i in range(len(buckets_s))))
+        for r in rows}
 
 
 def trial_page(db: Database, study_name: str, after: int, limit: int

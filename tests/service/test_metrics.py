@@ -3,9 +3,11 @@ its cost in queries does not grow with the number of finished jobs."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from starlette.testclient import TestClient
 
 from search import trial_to_dict
@@ -13,7 +15,9 @@ from search.report import epochs_saved
 from service import jobs, metrics
 from service.api import create_app
 from service.keys import create_key
+from service.lifecycle import extend_job
 from service.migrate import upgrade
+from service.models import job_stats
 from service.scheduler import open_database
 from service.settings import Settings
 from service.worker import Worker
@@ -93,3 +97,85 @@ def test_a_scrape_costs_the_same_with_more_finished_jobs(scraper, measure):
     _, more = scrape()
     measure("metrics_queries", f"queries per scrape: {few} with 2 finished jobs, {more} with 6")
     assert more == few, (few, more)
+
+
+def _trial_states(families: dict) -> dict[str, float]:
+    return {s.labels["state"]: s.value for s in families["hptune_trials"].samples}
+
+
+def _saved(families: dict) -> dict[str, float]:
+    return {s.labels["cause"]: s.value for s in families["hptune_epochs_saved"].samples}
+
+
+def test_an_ended_job_is_summed_once_and_kept_across_processes(scraper):
+    db, run_jobs, scrape = scraper
+    run_jobs(2)
+    first, _ = scrape()
+    with db.session() as s:  # both ended jobs now have their stats row
+        assert s.execute(select(func.count()).select_from(job_stats)).scalar() == 2
+    # A fresh registry (another API process, or a restart) reads the rows, not the trials:
+    # the same queries as any scrape with nothing live (no trial is read).
+    fresh = metrics.metrics_registry(db)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        text = metrics.render(fresh).decode()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+    assert not [q for q in statements if re.search(r"\btrials\b", q)], statements
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert _trial_states(families) == _trial_states(first)
+    assert _saved(families) == _saved(first)
+
+
+def test_an_extended_job_is_summed_again_when_it_ends_again(scraper):
+    db, run_jobs, scrape = scraper
+    run_jobs(1)
+    before, _ = scrape()
+    assert _trial_states(before)["COMPLETE"] + _trial_states(before)["PRUNED"] == 3
+    (job,), _ = jobs.list_jobs(db, None)
+    extend_job(db, None, job.id, 5)
+    during, _ = scrape()  # re-opened: its trials are summed live, not from the stale row
+    assert _trial_states(during)["COMPLETE"] + _trial_states(during)["PRUNED"] == 3
+    Worker(db, "metrics-worker").run(max_trials=2)
+    after, _ = scrape()
+    assert _trial_states(after)["COMPLETE"] + _trial_states(after)["PRUNED"] == 5
+    with db.session() as s:
+        (row,) = s.execute(select(job_stats)).all()
+    assert row.complete + row.pruned == 5
+
+
+def test_a_deleted_job_leaves_the_totals(scraper):
+    db, run_jobs, scrape = scraper
+    run_jobs(2)
+    scrape()
+    rows, _ = jobs.list_jobs(db, None)
+    jobs.delete_job(db, None, rows[0].id)
+    families, _ = scrape()
+    assert _trial_states(families)["COMPLETE"] + _trial_states(families)["PRUNED"] == 3
+    assert families["hptune_jobs"].samples  # still answers
+
+
+def test_ended_jobs_are_summed_a_few_per_scrape(scraper, monkeypatch):
+    db, run_jobs, scrape = scraper
+    monkeypatch.setattr(metrics, "SETTLE_PER_SCRAPE", 1)
+    run_jobs(3)
+    trials = [t for job in jobs.list_jobs(db, None)[0] for t in jobs.study_trials(db, job)]
+    expected = {"pruned": 0.0, "early_stopped": 0.0}
+    for t in trials:
+        s = epochs_saved(trial_to_dict(t), JOB["max_epochs"])
+        if s is not None:
+            expected[s[0]] += s[1]
+    seen = []
+    for _ in range(3):
+        families, _ = scrape()
+        # Counts and durations are exact at once; epochs saved as the jobs are summed.
+        assert _trial_states(families)["COMPLETE"] + _trial_states(families)["PRUNED"] == 9
+        seen.append(_saved(families))
+    with db.session() as s:
+        assert s.execute(select(func.count()).select_from(job_stats)).scalar() == 3
+    assert seen[-1] == pytest.approx(expected)
