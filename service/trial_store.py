@@ -20,7 +20,7 @@ import functools
 import itertools
 import json
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import optuna
@@ -733,9 +733,17 @@ def trials_by_id(db: Database, ids: Iterable[int]) -> list[FrozenTrial]:
     if not ids:
         return []
     storage = db.storage
+    with _storage_session(storage) as session:
+        trials = _load_for_sampler(storage, session, set(ids))
+    return sorted(trials, key=lambda t: t.number)
+
+
+@contextlib.contextmanager
+def _storage_session(storage: optuna.storages.RDBStorage) -> Iterator[Any]:
+    """A session of Optuna's storage: committed on success, rolled back on error, closed."""
     session = storage.scoped_session()
     try:
-        trials = sorted(_load_for_sampler(storage, session, set(ids)), key=lambda t: t.number)
+        yield session
         session.commit()
     except BaseException:
         with contextlib.suppress(Exception):
@@ -743,7 +751,6 @@ def trials_by_id(db: Database, ids: Iterable[int]) -> list[FrozenTrial]:
         raise
     finally:
         session.close()
-    return trials
 
 
 def event_anchor(db: Database, study_name: str, last: int, numbers: Iterable[int]
@@ -873,8 +880,7 @@ class BoundedHistory:
 
     def _read(self, storage: optuna.storages.RDBStorage, maximize: bool, window: Window
               ) -> list[FrozenTrial]:
-        session = storage.scoped_session()
-        try:
+        with _storage_session(storage) as session:
             rows = self._changes(session, window) if self._study_id is not None else None
             if rows is None:
                 rows = self._view_rows(session, maximize, window)
@@ -882,13 +888,6 @@ class BoundedHistory:
                              key=lambda r: -r.number)[:window.running]
             wanted = {r.trial_id for r in rows if r.state in ("COMPLETE", "PRUNED")}
             trials = _load_for_sampler(storage, session, wanted | {r.trial_id for r in running})
-            session.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                session.rollback()
-            raise
-        finally:
-            session.close()
         self._after = max([self._after, *(r.trial_id for r in rows)])
         self._watch = {r.trial_id for r in rows if r.state in ("RUNNING", "WAITING")}
         self.last_loaded = len(trials)
@@ -961,20 +960,12 @@ class RungReader:
         after, reads, values = self._rungs.get(key, (0, 0, RungValues()))
         if reads % self.full_every == 0:
             after, values = 0, RungValues()
-        session = storage.scoped_session()
-        try:
+        with _storage_session(storage) as session:
             if self._study_id is None:
                 self._study_id = int(session.execute(
                     _STUDY_ID_OF, {"name": self.study_name}).scalar_one())
             rows = session.execute(_RUNG_VALUES_SINCE, {
                 "after": after, "study_id": self._study_id, "key": key}).all()
-            session.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                session.rollback()
-            raise
-        finally:
-            session.close()
         for row in rows:
             values.add(int(row.trial_id), float(json.loads(row.value)))
         self.last_read = len(rows)
