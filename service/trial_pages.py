@@ -34,6 +34,10 @@ from service.schemas import TrialPublic, TrialsPublic
 FINAL_STATES = ("COMPLETE", "PRUNED")
 # Bytes of trial JSON an API process keeps (about 50,000 trials of a dozen epochs).
 MAX_CACHED_BYTES = 32 << 20
+# Trials a page reads and presents afresh at most (about 0.1 ms each): a page of trials this
+# process has not presented yet ends there and its `next` goes on, so that a cold page of the
+# largest `limit` costs what a page of this many does.
+MAX_PRESENTED_PER_PAGE = 250
 # What an entry costs besides its JSON (its key tuple and the dict's slot), counted against
 # MAX_CACHED_BYTES too, so that many tiny trials cannot exceed the bound.
 ENTRY_OVERHEAD_BYTES = 300
@@ -109,8 +113,9 @@ def _cache_key(study_name: str, study_id: int, e: trial_store.PageEntry) -> Hash
 def trials_page(db: Database, owner: str | None, job_id: int, after: int | None, limit: int,
                 cache: TrialJsonCache) -> tuple[list[bytes], int, int | None]:
     """The JSON of at most `limit` of the job's trials numbered above `after`, in number
-    order; the job's trial count; and the number of the page's last trial if more follow
-    (None on the last page). As jobs.job_trials_page (NotFound and StudyMissing alike),
+    order (fewer when more than MAX_PRESENTED_PER_PAGE of them are not cached); the job's
+    trial count; and the number of the page's last trial if more follow (None on the last
+    page). As jobs.job_trials_page (NotFound and StudyMissing alike),
     with the job's row and the page's in one query, and finished trials from `cache`."""
     page = DB_RETRY(trial_store.job_page_index, db, job_id, -1 if after is None else after,
                     limit + 1)
@@ -128,9 +133,16 @@ def trials_page(db: Database, owner: str | None, job_id: int, after: int | None,
         final, cache.get_many([_cache_key(name, index.study_id, e) for e in final]),
         strict=True) if body is not None}
     missing = [e for e in entries if e.trial_id not in found]
+    more = len(index.entries) > limit
+    if len(missing) > MAX_PRESENTED_PER_PAGE:
+        # A cold page's work is bounded: it ends before the first trial past the bound, and
+        # `next` goes on from there (the page holds fewer than `limit` trials).
+        cut = missing[MAX_PRESENTED_PER_PAGE].number
+        entries = [e for e in entries if e.number < cut]
+        missing, more = missing[:MAX_PRESENTED_PER_PAGE], True
     if missing:
         found.update(_present(db, name, index.study_id, missing, cache))
-    last = entries[-1].number if len(index.entries) > limit else None
+    last = entries[-1].number if more else None
     return [found[e.trial_id] for e in entries], index.total, last
 
 

@@ -20,7 +20,7 @@ from optuna.distributions import (
 from optuna.trial import TrialState
 from pydantic import TypeAdapter
 
-from service import jobs, scheduler, trial_store
+from service import jobs, scheduler, trial_pages, trial_store
 from service.migrate import upgrade
 from service.models import Job
 from service.schemas import TrialsPublic
@@ -181,3 +181,27 @@ def test_missing_jobs_studies_and_owners_answer_as_before(db):
         trials_page(db, "alice", job_id, None, 10, cache)
     with pytest.raises(StudyMissing, match="no longer exists"):
         jobs.job_trials_page(db, "alice", job_id, None, 10)
+
+
+def test_a_cold_page_is_bounded_and_its_next_goes_on(db, monkeypatch):
+    monkeypatch.setattr(trial_pages, "MAX_PRESENTED_PER_PAGE", 3)
+    job_id, study = _job(db)
+    for i in range(8):
+        _finished(study, i, value=0.1 * i)
+    running = study.ask(DISTS)  # never cached: counts against the bound on every read
+    running.report(0.3, 0)
+    cache = TrialJsonCache()
+    data, count, last = trials_page(db, None, job_id, None, 100, cache)
+    assert (len(data), count, last) == (3, 9, 2)  # three presented, then `next`
+    data, _, last = trials_page(db, None, job_id, 2, 100, cache)
+    assert (len(data), last) == (3, 5)
+    seen = 6
+    after = last
+    while after is not None:
+        data, _, after = trials_page(db, None, job_id, after, 100, cache)
+        seen += len(data)
+    assert seen == 9
+    # Once presented, the finished trials come from the cache: one full page, no `next`.
+    data, _, last = trials_page(db, None, job_id, None, 100, cache)
+    assert (len(data), last) == (9, None)
+    assert page_body(data, 9, None) == _expected(db, job_id, None, 100)
