@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -111,3 +113,37 @@ def server(tmp_path_factory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("serve"))
     yield srv
     stop_server(srv)
+
+
+@contextlib.contextmanager
+def in_process_app(db_path: Path, **settings: Any) -> Iterator[tuple[Any, Any]]:
+    """The API in process (a TestClient) on a real SQLite file at `db_path`, with keys for
+    alice (the client's default), bob and an admin ("ops"): (client, db). `client.keys`
+    holds bob's and the admin's; key_headers(client, "bob") sends one of them."""
+    from starlette.testclient import TestClient
+
+    from service import scheduler
+    from service.api import create_app
+    from service.keys import create_key as store_key
+    from service.migrate import upgrade
+    from service.settings import Settings
+
+    config = Settings(database_url=f"sqlite:///{db_path}", **settings)
+    db = scheduler.open_database(config)
+    upgrade(db)
+    with db.session() as s:
+        _, key = store_key(s, "alice")
+        _, bob = store_key(s, "bob")
+        _, admin = store_key(s, "ops", is_admin=True)
+    try:
+        with TestClient(create_app(config, db)) as client:
+            client.headers["Authorization"] = f"Bearer {key}"
+            client.keys = {"bob": bob, "admin": admin}
+            yield client, db
+    finally:
+        db.dispose()
+
+
+def key_headers(client: Any, who: str) -> dict[str, str]:
+    """The Authorization header of `who`'s key on an in_process_app client."""
+    return {"Authorization": f"Bearer {client.keys[who]}"}

@@ -15,14 +15,11 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from service import cli, reaper, scheduler, trial_store
-from service.api import create_app
 from service.client import ApiError, Client
-from service.keys import create_key
-from service.migrate import upgrade
 from service.models import Job
-from service.settings import Settings
 from service.status import JobStatus
 from service.worker import Worker
+from tests.conftest import in_process_app, key_headers
 from trainer import StopReason
 
 TINY = {"n_trials": 2, "max_epochs": 2, "model": {"hidden_layers": [4]}}
@@ -30,24 +27,9 @@ TINY = {"n_trials": 2, "max_epochs": 2, "model": {"hidden_layers": [4]}}
 
 @pytest.fixture
 def app_db(tmp_path):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'lifecycle.db'}",
-                        max_queued_trials_per_owner=10, max_active_jobs_per_owner=3)
-    db = scheduler.open_database(settings)
-    upgrade(db)
-    with db.session() as s:
-        _, key = create_key(s, "alice")
-        _, bob = create_key(s, "bob")
-        _, admin = create_key(s, "ops", is_admin=True)
-    app = create_app(settings, db)
-    with TestClient(app) as client:
-        client.headers["Authorization"] = f"Bearer {key}"
-        client.keys = {"bob": bob, "admin": admin}
-        yield client, db
-    db.dispose()
-
-
-def _as(client: TestClient, who: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {client.keys[who]}"}
+    with in_process_app(tmp_path / "lifecycle.db",
+                        max_queued_trials_per_owner=10, max_active_jobs_per_owner=3) as pair:
+        yield pair
 
 
 def _submit(client: TestClient, **spec) -> int:
@@ -259,17 +241,17 @@ def test_unknown_and_other_owners_jobs_answer_404_admins_reach_every_job(app_db)
     client, _ = app_db
     job_id = _submit(client)
     client.post(f"/api/v1/jobs/{job_id}/cancel")
-    for headers in (None, _as(client, "bob")):
+    for headers in (None, key_headers(client, "bob")):
         target = 999 if headers is None else job_id
         for r in (client.patch(f"/api/v1/jobs/{target}", json={"n_trials": 5}, headers=headers),
                   client.post(f"/api/v1/jobs/{target}/resume", headers=headers)):
             assert _error(r, 404) == f"no job {target}"
     assert _job(client, job_id)["status"] == "cancelled"
     # An admin resumes and extends alice's job; the quota counted is alice's.
-    r = client.post(f"/api/v1/jobs/{job_id}/resume", headers=_as(client, "admin"))
+    r = client.post(f"/api/v1/jobs/{job_id}/resume", headers=key_headers(client, "admin"))
     assert r.status_code == 200 and r.json()["owner"] == "alice", r.text
     r = client.patch(f"/api/v1/jobs/{job_id}", json={"n_trials": 11},
-                     headers=_as(client, "admin"))
+                     headers=key_headers(client, "admin"))
     assert _error(r, 429, "n_trials").startswith("alice has 0 unfinished trials")
 
 

@@ -7,13 +7,9 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from service import scheduler
-from service.api import create_app
 from service.client import Client
-from service.keys import create_key
-from service.migrate import upgrade
-from service.settings import Settings
 from service.worker import Worker
+from tests.conftest import in_process_app, key_headers
 
 TINY = {"n_trials": 1, "max_epochs": 1, "model": {"hidden_layers": [4]}}
 CSV = ("a,b,label\n" + "\n".join(f"{i % 7}.0,{i % 3}.5,{i % 2}" for i in range(40))).encode()
@@ -21,24 +17,9 @@ CSV = ("a,b,label\n" + "\n".join(f"{i % 7}.0,{i % 3}.5,{i % 2}" for i in range(4
 
 @pytest.fixture
 def app_db(tmp_path):
-    settings = Settings(database_url=f"sqlite:///{tmp_path / 'pages.db'}",
-                        max_queued_trials_per_owner=100, max_active_jobs_per_owner=50)
-    db = scheduler.open_database(settings)
-    upgrade(db)
-    with db.session() as s:
-        _, key = create_key(s, "alice")
-        _, bob = create_key(s, "bob")
-        _, admin = create_key(s, "ops", is_admin=True)
-    app = create_app(settings, db)
-    with TestClient(app) as client:
-        client.headers["Authorization"] = f"Bearer {key}"
-        client.keys = {"bob": bob, "admin": admin}
-        yield client, db
-    db.dispose()
-
-
-def _as(client: TestClient, who: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {client.keys[who]}"}
+    with in_process_app(tmp_path / "pages.db",
+                        max_queued_trials_per_owner=100, max_active_jobs_per_owner=50) as pair:
+        yield pair
 
 
 def _walk(client: TestClient, path: str, headers: dict[str, str] | None = None
@@ -65,7 +46,7 @@ def _submit(client: TestClient, headers: dict[str, str] | None = None, **spec) -
 def test_jobs_pages_newest_first_each_once(app_db):
     client, _ = app_db
     ids = [_submit(client, name=f"j{i}") for i in range(7)]
-    theirs = _submit(client, _as(client, "bob"), name="bob's")
+    theirs = _submit(client, key_headers(client, "bob"), name="bob's")
     pages, bodies = _walk(client, "/api/v1/jobs?limit=3")
     assert [len(p) for p in pages] == [3, 3, 1]
     assert [j["id"] for p in pages for j in p] == sorted(ids, reverse=True)
@@ -75,9 +56,9 @@ def test_jobs_pages_newest_first_each_once(app_db):
     # Every response field is still there.
     assert {"id", "name", "owner", "status", "counts", "finished", "spec"} <= set(pages[0][0])
     # Another owner's pages never hold alice's jobs; an admin's hold everyone's.
-    bob_pages, _ = _walk(client, "/api/v1/jobs?limit=1", _as(client, "bob"))
+    bob_pages, _ = _walk(client, "/api/v1/jobs?limit=1", key_headers(client, "bob"))
     assert [j["id"] for p in bob_pages for j in p] == [theirs]
-    admin_pages, _ = _walk(client, "/api/v1/jobs?limit=2", _as(client, "admin"))
+    admin_pages, _ = _walk(client, "/api/v1/jobs?limit=2", key_headers(client, "admin"))
     assert [j["id"] for p in admin_pages for j in p] == sorted([*ids, theirs], reverse=True)
     # One page holding everything has no next; the old offset still skips.
     whole = client.get("/api/v1/jobs").json()
@@ -95,14 +76,14 @@ def test_datasets_pages_in_id_order_each_once(app_db):
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     r = client.post("/api/v1/datasets", files={"file": ("b.csv", CSV)},
-                    data={"target": "label"}, headers=_as(client, "bob"))
+                    data={"target": "label"}, headers=key_headers(client, "bob"))
     assert r.status_code == 201, r.text
     theirs = r.json()["id"]
     pages, bodies = _walk(client, "/api/v1/datasets?limit=2")
     assert [len(p) for p in pages] == [2, 2, 1]
     assert [d["id"] for p in pages for d in p] == ids
     assert all(b["count"] == 5 for b in bodies) and bodies[-1]["next"] is None
-    bob_pages, _ = _walk(client, "/api/v1/datasets?limit=1", _as(client, "bob"))
+    bob_pages, _ = _walk(client, "/api/v1/datasets?limit=1", key_headers(client, "bob"))
     assert [d["id"] for p in bob_pages for d in p] == [theirs]
     whole = client.get("/api/v1/datasets").json()
     assert whole["next"] is None and [d["id"] for d in whole["data"]] == ids
@@ -131,7 +112,7 @@ def test_trials_pages_by_number_each_once(app_db):
     past = client.get(f"/api/v1/jobs/{job_id}/trials?after=4").json()
     assert past == {"data": [], "count": 5, "next": None}
     # Another owner cannot page alice's trials.
-    r = client.get(f"/api/v1/jobs/{job_id}/trials?limit=1", headers=_as(client, "bob"))
+    r = client.get(f"/api/v1/jobs/{job_id}/trials?limit=1", headers=key_headers(client, "bob"))
     assert r.status_code == 404
 
 
