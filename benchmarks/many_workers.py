@@ -44,17 +44,10 @@ from tests.postgres import (  # noqa: E402
     pgbouncer_unavailable_reason,
 )
 from tests.service.conftest import Cluster  # noqa: E402
+from tests.service.test_many_workers import SHORT_JOB  # noqa: E402
 
-JOB = {
-    "name": "many-workers",
-    "dataset": "iris",
-    "max_epochs": 1,
-    "search_space": {"batch_size": {"value": 32}},
-    "sampler": {"name": "random", "seed": 0},
-    "pruner": {"name": "none"},
-    "early_stopping": {"patience": None},
-    "model": {"hidden_layers": [4]},
-}
+# The test's job (tests/service/test_many_workers.py), its n_trials set per run.
+JOB = {k: v for k, v in SHORT_JOB.items() if k != "n_trials"}
 # 64 workers on two cores: late heartbeats must not fail live trials.
 ENV = {"HPTUNE_HEARTBEAT_INTERVAL": "5", "HPTUNE_GRACE_PERIOD": "20",
        "HPTUNE_LOG_LEVEL": "WARNING"}

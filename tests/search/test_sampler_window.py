@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from search import JobSpec, build_sampler, create_study
 from search.sampler import Window, WindowedTPESampler, public_history, select_view
+from tests.service.conftest import pg_server  # noqa: F401  (the session's PostgreSQL; fails under CI)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -204,22 +205,6 @@ def test_window_rejects_hostile_sizes(bad):
 
 
 # --- the service's read: only the view from the database, then only what changed ----------
-
-@pytest.fixture(scope="module")
-def pg_server():
-    """A throwaway PostgreSQL cluster for this module (skipped where none can start)."""
-    from tests.postgres import PostgresServer, unavailable_reason
-
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"PostgreSQL-backed test: {reason}")
-    server = PostgresServer.create()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db(request, tmp_path):
