@@ -36,15 +36,20 @@ def print_trials(job_id: int, rows: list[dict], count: int, out: Console) -> Non
 
     from service.client import _fmt
 
-    t = Table(title=f"job {job_id}: {count} trials")
+    t = Table(title=f"job {job_id}: {count} trials",
+              caption="epochs: the epoch it stopped at / its best epoch")
     params = list(dict.fromkeys(k for r in rows for k in r["params"]))
-    for col in ("#", "state", "value", "stop reason", "epochs", *params):
-        t.add_column(col, no_wrap=True)
+    # Number, state, value and epochs are never cut; in a narrow terminal the stop reason and
+    # the parameters wrap instead.
+    for col in ("#", "state", "value", "epochs"):
+        t.add_column(col, no_wrap=True, justify="left" if col == "state" else "right")
+    for col in ("stop reason", *params):
+        t.add_column(col, overflow="fold")
     for r in rows:
         epochs = (f"{_fmt(r['stopped_epoch'])}/{_fmt(r['best_epoch'])}"
                   if r["stopped_epoch"] is not None or r["best_epoch"] is not None else "-")
-        t.add_row(str(r["number"]), r["state"].lower(), _fmt(r["value"]),
-                  r["stop_reason"] or "-", epochs, *(_fmt(r["params"].get(k)) for k in params))
+        t.add_row(str(r["number"]), r["state"].lower(), _fmt(r["value"]), epochs,
+                  r["stop_reason"] or "-", *(_fmt(r["params"].get(k)) for k in params))
     out.print(t)
     if count > len(rows):
         out.print(f"the last {len(rows)} trials shown, {count - len(rows)} earlier ones left "
