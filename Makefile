@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# `make test`: the tests not marked `serial` run on this many pytest-xdist processes (a file's
+# tests on one process, so module fixtures start once), then the `serial` ones run alone.
+TEST_PROCS ?= 2
 
 .PHONY: demo test lint clean
 
@@ -23,7 +26,8 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed $(BIN)/.torch
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile -m "not serial"
+	$(BIN)/python -m pytest -q -m serial
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

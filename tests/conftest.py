@@ -19,6 +19,32 @@ import pytest
 from service.spawn import free_port, spawn_service, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
+# The lines of the `measure` fixture (tests/service/conftest.py), printed in a "measurements"
+# section of the terminal summary. Here, not there: under pytest-xdist the controlling process
+# loads only this conftest and gets each worker process's lines when that worker ends.
+MEASUREMENTS = pytest.StashKey[list[str]]()
+WORKER_MEASUREMENTS = "hptune_measurements"
+
+
+def pytest_sessionfinish(session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)  # a pytest-xdist worker
+    if workeroutput is not None:
+        workeroutput[WORKER_MEASUREMENTS] = session.config.stash.get(MEASUREMENTS, [])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist, in the controlling process: a worker's measurements."""
+    lines = getattr(node, "workeroutput", {}).get(WORKER_MEASUREMENTS, [])
+    node.config.stash.setdefault(MEASUREMENTS, []).extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    lines = config.stash.get(MEASUREMENTS, [])
+    if lines:
+        terminalreporter.section("measurements")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def hptune(*args: str, env: dict[str, str], check: bool = True, timeout: float = 120

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from service.spawn import free_port, spawn_service, wait_healthy
-from tests.conftest import ROOT, create_key_in_process
+from tests.conftest import MEASUREMENTS, ROOT, create_key_in_process
 from tests.postgres import PostgresServer, unavailable_reason
 
 # Settings every test cluster runs with: fast crash detection and polling.
@@ -52,12 +52,12 @@ TINY_JOB = {
     "model": {"hidden_layers": [16]},
 }
 TERMINAL = ("succeeded", "failed", "cancelled")
-MEASUREMENTS = pytest.StashKey[list[str]]()
 
 
 @pytest.fixture
 def measure(request, record_property):
-    """measure(name, text): shown in the terminal summary, and a JUnit XML property."""
+    """measure(name, text): shown in the terminal summary (tests/conftest.py prints them, also
+    those of pytest-xdist's worker processes), and a JUnit XML property."""
     lines = request.config.stash.setdefault(MEASUREMENTS, [])
 
     def record(name: str, text: str) -> None:
@@ -65,14 +65,6 @@ def measure(request, record_property):
         lines.append(f"{request.node.nodeid}: {text}")
 
     return record
-
-
-def pytest_terminal_summary(terminalreporter, config) -> None:
-    lines = config.stash.get(MEASUREMENTS, [])
-    if lines:
-        terminalreporter.section("measurements")
-        for line in lines:
-            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

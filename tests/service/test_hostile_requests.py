@@ -154,6 +154,7 @@ def _median_latency(srv, key: str, n: int = 15) -> float:
     return statistics.median(times)
 
 
+@pytest.mark.serial  # a ratio of two latencies: load beside one of them would skew it
 def test_open_streams_do_not_starve_the_routes(srv, measure):
     """60 open event streams (more than the 40 threads every sync route shares) leave the API
     answering about as fast as with none: a stream holds a thread only while it reads the

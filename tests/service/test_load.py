@@ -10,6 +10,8 @@ from tests.conftest import create_key, start_server, stop_server
 
 CLIENTS = 50
 SECONDS = 30
+# 50 clients and 2 workers for 30 s: it loads the machine itself, and needs all of it.
+pytestmark = pytest.mark.serial
 
 
 @pytest.mark.timeout(1500)

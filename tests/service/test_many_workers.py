@@ -21,6 +21,9 @@ import pytest
 from service.settings import Settings
 from tests.postgres import ConnectionWatch, PgBouncer, pgbouncer_unavailable_reason
 
+# Sixteen workers on two cores already load the machine fully: run alone.
+pytestmark = pytest.mark.serial
+
 WORKERS = 16
 N_TRIALS = 32
 # PgBouncer's server connections for the test database: more than the locks that can be held

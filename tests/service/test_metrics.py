@@ -4,6 +4,7 @@ its cost in queries does not grow with the number of finished jobs."""
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,7 +48,10 @@ def scraper(backend, monkeypatch):
             statements = []
 
             def count(*_args) -> None:
-                statements.append(1)
+                # The app's reaper thread (service/api.py) shares the engine: its rounds are
+                # no part of a scrape's cost (under load, one fell within a scrape).
+                if threading.current_thread().name != "reaper":
+                    statements.append(1)
 
             event.listen(db.engine, "before_cursor_execute", count)
             try:
@@ -119,7 +123,8 @@ def test_an_ended_job_is_summed_once_and_kept_across_processes(scraper):
     statements: list[str] = []
 
     def record(_conn, _cursor, statement, *_args) -> None:
-        statements.append(statement)
+        if threading.current_thread().name != "reaper":  # the app's reaper shares the engine
+            statements.append(statement)
 
     event.listen(db.engine, "before_cursor_execute", record)
     try:

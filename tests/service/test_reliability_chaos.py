@@ -12,6 +12,11 @@ import random
 import signal
 import time
 
+import pytest
+
+# A wall-time ratio of two runs: other tests' load beside either run would skew it.
+pytestmark = pytest.mark.serial
+
 N_TRIALS = 60
 N_WORKERS = 4
 # One kill every few seconds, each once the last replacement is up (on two cores its start-up

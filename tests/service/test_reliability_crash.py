@@ -19,6 +19,11 @@ import pytest
 from service.api import REAP_INTERVAL_S
 from tests.service.conftest import CLUSTER_ENV
 
+# Latencies asserted against fixed bounds (a cancel within an epoch plus 0.3 s, SIGTERM to
+# exit in 5 s, the reaper's rounds), and trials that train hard: beside other tests they ran
+# up to four times slower. Run alone.
+pytestmark = pytest.mark.serial
+
 # Trials of about three seconds on a quiet machine (0.02 s an epoch): long enough to be
 # caught mid-run by a signal or a cancel sent half a second after they start.
 LONG_JOB = {
@@ -284,7 +289,11 @@ def test_cancel_stops_running_trials_within_an_epoch(cluster, module_backend, me
 
 
 def test_timeout_ends_the_job_cleanly(cluster):
-    job_id = cluster.submit({**LONG_JOB, "n_trials": 20, "timeout_seconds": 4})
+    # Trials far longer than the timeout, so that it always falls in the middle of the first
+    # ones: with LONG_JOB's (about 3 s on SQLite, 4 s on PostgreSQL) they could end just
+    # before the deadline, and then no trial was left running to stop.
+    job_id = cluster.submit({**LONG_JOB, "n_trials": 20, "max_epochs": 1000,
+                             "timeout_seconds": 4})
     job = cluster.wait_job(job_id, timeout_s=60)
     assert job["status"] == "failed", job
     assert job["error"].startswith("timed out after 4 s with "), job

@@ -118,6 +118,7 @@ def fresh_server(tmp_path):
 
 @pytest.mark.parametrize(("case", "filename", "make", "target", "status"), HOSTILE,
                          ids=[h[0] for h in HOSTILE])
+@pytest.mark.serial  # peak RSS and CPU seconds of the server process
 def test_hostile_upload_peak_rss_and_cpu(fresh_server, measure, case, filename, make, target,
                                          status):
     raw = make()

@@ -137,6 +137,7 @@ def test_csv_values_match_a_reference_parser():
     np.testing.assert_array_equal(y, table[:, 3])
 
 
+@pytest.mark.serial  # CPU seconds against a fixed bound
 def test_duplicate_column_check_is_linear():
     # The last two of 10,001 names repeat: a per-name header.count() scanned all 10^8 pairs.
     names = [f"column_{i}" for i in range(MAX_CSV_FEATURES)] + [f"column_{MAX_CSV_FEATURES - 1}"]
