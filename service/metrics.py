@@ -78,8 +78,8 @@ class _Collector:
             self.db, [j.study_name for j in live if j.study_name], DURATION_BUCKETS_S)
         budget = SETTLE_PER_SCRAPE
         with self._lock:
-            self._active_saved = {k: v for k, v in self._active_saved.items()
-                                  if k in {j.id for j in live}}
+            live_ids = {j.id for j in live}
+            self._active_saved = {k: v for k, v in self._active_saved.items() if k in live_ids}
             for job in live:
                 trials = by_study.get(job.study_name or "")
                 if trials is not None:
