@@ -36,9 +36,6 @@ from service.trial_pages import TrialJsonCache
 
 log = logging.getLogger("hptune.api")
 
-# How often the API process reaps trials of dead workers, even while no worker lives.
-REAP_INTERVAL_S = 5.0
-
 # Paths outside /api/v1 that need an admin key: the metrics tell about every owner.
 ADMIN_PATHS = ("/metrics",)
 
@@ -48,7 +45,7 @@ ROUTERS = (ops.router, job_routes.router, model_routes.router, dataset_routes.ro
 
 
 def _reaper(db: Database, stop: threading.Event) -> None:
-    while not stop.wait(REAP_INTERVAL_S):
+    while not stop.wait(db.settings.reap_interval):
         try:
             reaper.reap(db)
         except Exception as exc:  # the next round tries again; an outage must not kill it

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     # A reaper fails at once, without waiting for grace_period, a trial whose worker process
     # it can see is gone (same host and PID namespace; see service/procs.py).
     reap_gone_processes: bool = True
+    # Seconds between reaper rounds, in the API process (even while no worker lives) and in
+    # every worker (between trials, or while idle).
+    reap_interval: float = Field(default=5.0, gt=0, le=3600)
     # Times a crashed trial's parameters are retried before the slot goes to a new sample.
     max_trial_retries: int = Field(default=2, ge=0)
     # Seconds an idle worker waits between looks for work.

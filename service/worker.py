@@ -40,8 +40,6 @@ from service.trial_run import TrialRun
 
 log = logging.getLogger("hptune.worker")
 
-# How often a worker also runs the reaper (between trials, or while idle).
-REAP_INTERVAL_S = 5.0
 # How often a worker updates its row in the worker registry (shown by /metrics).
 REGISTRY_INTERVAL_S = 10.0
 # Backoff of the loop after a database error: doubles from the first value up to the cap.
@@ -114,7 +112,7 @@ class Worker:
         self._announce("idle", force=True)
         with threadpool_limits(limits=1):
             while not self.stopping:
-                if time.monotonic() - last_reap > REAP_INTERVAL_S:
+                if time.monotonic() - last_reap > self.db.settings.reap_interval:
                     # Busy or idle, workers reap too: a dead peer's trial is retried sooner.
                     last_reap = time.monotonic()
                     try:

@@ -16,7 +16,6 @@ from datetime import datetime
 
 import pytest
 
-from service.api import REAP_INTERVAL_S
 from tests.service.conftest import CLUSTER_ENV
 
 # Latencies asserted against fixed bounds (a cancel within an epoch plus 0.3 s, SIGTERM to
@@ -44,7 +43,7 @@ LONG_JOB = {
 # tests the heartbeat path, the only one for workers on other machines: its reapers do not
 # look for gone processes on their own host (tested on its own at the end).
 CRASH_ENV = {"HPTUNE_TEST_CRASH_ON_PARAM": "batch_size=33", "HPTUNE_MAX_TRIAL_RETRIES": "1",
-             "HPTUNE_REAP_GONE_PROCESSES": "false"}
+             "HPTUNE_REAP_GONE_PROCESSES": "false", "HPTUNE_REAP_INTERVAL": "1"}
 MAX_RETRIES = 1
 
 
@@ -159,8 +158,9 @@ def test_api_reaps_dead_trials_while_no_worker_is_alive(cluster, module_backend,
     victims, killed_at = _kill_every_worker_mid_trial(cluster, job_id)
     heartbeat_s = float(CLUSTER_ENV["HPTUNE_HEARTBEAT_INTERVAL"])
     grace_s = float(CLUSTER_ENV["HPTUNE_GRACE_PERIOD"])
+    reap_s = float(CRASH_ENV["HPTUNE_REAP_INTERVAL"])
     # A beat at most one interval before the kill, the grace period, then the reaper's round.
-    limit_s = grace_s + REAP_INTERVAL_S + 5
+    limit_s = grace_s + reap_s + 5
     while (running := cluster.job(job_id)["counts"]["running"]) > 0:
         assert time.monotonic() - killed_at < limit_s, (running, cluster.logs())
         time.sleep(0.2)
@@ -311,7 +311,8 @@ def test_a_gone_worker_process_is_reaped_without_waiting_for_the_grace_period(
     """On the worker's own host a reaper sees that its process is gone (kill -9) and fails
     the trial at once: with a 60 s grace period, the API alone retries it within seconds, and
     a replacement worker runs the retry."""
-    cluster = cluster_factory(backend.url, HPTUNE_GRACE_PERIOD="60")
+    cluster = cluster_factory(backend.url, HPTUNE_GRACE_PERIOD="60",
+                              HPTUNE_REAP_INTERVAL=CRASH_ENV["HPTUNE_REAP_INTERVAL"])
     cluster.start_api()
     cluster.start_workers(2)
     job_id = cluster.submit(LONG_JOB)
@@ -321,7 +322,8 @@ def test_a_gone_worker_process_is_reaped_without_waiting_for_the_grace_period(
         retried = {t["details"]["retry_of"] for t in trials.values() if "retry_of" in t["details"]}
         if retried == victims:
             break
-        assert time.monotonic() - killed_at < REAP_INTERVAL_S + 10, (trials, cluster.logs())
+        limit_s = float(CRASH_ENV["HPTUNE_REAP_INTERVAL"]) + 10
+        assert time.monotonic() - killed_at < limit_s, (trials, cluster.logs())
         time.sleep(0.2)
     took = time.monotonic() - killed_at
     measure("reap_gone_process_s", f"{backend.name}: {len(victims)} trials of killed workers "
