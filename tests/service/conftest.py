@@ -390,6 +390,17 @@ def tiny_job() -> dict:
     return copy.deepcopy(TINY_JOB)
 
 
+@pytest.fixture(scope="module")
+def crash_cluster(module_backend, module_cluster_factory):
+    """An API whose workers crash on poison trials (tests.service.crashes.CRASH_ENV), shared
+    by a module's tests per backend; the tests start the workers."""
+    from tests.service.crashes import CRASH_ENV
+
+    cluster = module_cluster_factory(module_backend.url, **CRASH_ENV)
+    cluster.start_api()
+    return cluster
+
+
 @pytest.fixture(name="check_trials")
 def check_trials_fixture():
     """check_trials(trials, n_trials, max_retries=2): the finished job's invariants."""
