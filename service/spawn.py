@@ -77,15 +77,16 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float,
     """Poll `url`/healthz until it answers 200 (True); False once `proc` has exited or
     `timeout_s` has passed (`proc.poll()` tells the two apart)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return True
-        except httpx.HTTPError:
-            pass
-        time.sleep(interval_s)
+    with httpx.Client(timeout=1) as http:  # one client: each new one builds a TLS context
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False
+            try:
+                if http.get(f"{url}/healthz").status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(interval_s)
     return False
 
 
