@@ -28,6 +28,7 @@ import pytest
 from service.spawn import free_port, spawn_service, wait_healthy
 from tests.conftest import MEASUREMENTS, ROOT, create_key_in_process
 from tests.postgres import PostgresServer, unavailable_reason
+from tests.service.crashes import CRASH_ENV
 
 # Settings every test cluster runs with: fast crash detection and polling.
 CLUSTER_ENV = {
@@ -401,8 +402,6 @@ def tiny_job() -> dict:
 def crash_cluster(module_backend, module_cluster_factory):
     """An API whose workers crash on poison trials (tests.service.crashes.CRASH_ENV), shared
     by a module's tests per backend; the tests start the workers."""
-    from tests.service.crashes import CRASH_ENV
-
     cluster = module_cluster_factory(module_backend.url, **CRASH_ENV)
     cluster.start_api()
     return cluster

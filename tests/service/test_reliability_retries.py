@@ -4,8 +4,8 @@ original); a trial that crashes its worker every time is retried at most the lim
 timed-out job keeps nothing RUNNING. Each runs once per storage backend.
 
 These assert outcomes, not latencies (those are in test_reliability_crash.py), but they still
-run alone: beside other tests, a live trial's heartbeat came later than the 3 s grace period
-once in CI, and the reaper failed and retried it, a second retry where one is asserted.
+run alone: beside other tests in CI, a job once had a second retry where one is asserted,
+most likely a live trial whose heartbeat came later than the 3 s grace period.
 """
 
 from __future__ import annotations
