@@ -30,7 +30,11 @@ JOB = {"n_trials": 3, "max_epochs": 4, "model": {"hidden_layers": [8]},
 @pytest.fixture
 def scraper(backend, monkeypatch):
     monkeypatch.setattr(metrics, "TRIAL_STATS_TTL_S", 0.0)  # every scrape reads afresh
-    settings = Settings(database_url=backend.url, max_active_jobs_per_owner=100)
+    # key_cache_seconds=0: every scrape verifies its key in one query. With the 1 s cache, a
+    # scrape that took over a second (settling jobs on a loaded machine) let the next one
+    # verify again, one query more, while a faster one did not.
+    settings = Settings(database_url=backend.url, max_active_jobs_per_owner=100,
+                        key_cache_seconds=0)
     db = open_database(settings)
     upgrade(db)
     with db.session() as s:
