@@ -24,10 +24,13 @@ $(BIN)/.torch: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/hptune demo
 
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set: the suite starts some 250
+# Python processes, and each compiled the project (and pytest re-wrote every test module and
+# plugin) again without it.
 test: $(BIN)/.installed $(BIN)/.torch
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile -m "not serial"
-	$(BIN)/python -m pytest -q -m serial
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n $(TEST_PROCS) --dist loadfile -m "not serial"
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -m serial
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

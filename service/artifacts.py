@@ -119,8 +119,8 @@ class _Writer:
 class WorkerArtifacts:
     """search.trial_reporter.TrialArtifacts for the trials of one claimed job."""
 
-    def __init__(self, db: Database, job_id: int, study: optuna.Study) -> None:
-        self.db, self.study = db, study
+    def __init__(self, db: Database, job_id: int) -> None:
+        self.db = db
         with db.session() as s:
             self.job = s.get(Job, job_id)
             s.expunge(self.job)
@@ -139,8 +139,10 @@ class WorkerArtifacts:
             self.store.remove(old)
 
     def load_checkpoint(self, trial: optuna.Trial) -> bytes | None:
-        frozen = trial_store.frozen_trial(self.study, trial)
-        chain = [int(n) for n in frozen.system_attrs.get("retry_history") or []]
+        # Only a retry resumes: its chain is a system attribute (two queries, where reading
+        # the whole trial took six on every trial).
+        attrs = self.db.storage.get_trial_system_attrs(trial_store.trial_id(trial))
+        chain = [int(n) for n in attrs.get("retry_history") or []]
         if not chain:
             return None
         with self.db.session() as s:

@@ -214,7 +214,7 @@ class Worker:
         try:
             outcome = run_trial(study, claim.spec, data, should_stop=run.should_stop,
                                 on_started=run.on_started, tell_failed=run.tell_failed,
-                                artifacts=WorkerArtifacts(self.db, claim.job_id, study))
+                                artifacts=WorkerArtifacts(self.db, claim.job_id))
             log.info("%s job %s trial %s: %s (%s)", self.name, claim.job_id, outcome.number,
                      outcome.state.name, outcome.stop_reason)
         except optuna.exceptions.UpdateFinishedTrialError as exc:

@@ -32,6 +32,16 @@ def pytest_sessionfinish(session) -> None:
         workeroutput[WORKER_MEASUREMENTS] = session.config.stash.get(MEASUREMENTS, [])
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With `-m serial` (make test's second phase), skip the test modules that cannot hold a
+    serial test: the word is not in their source. Importing and collecting all of them only
+    to deselect them took about 10 s (schemathesis builds its cases at collection)."""
+    if (config.option.markexpr != "serial" or collection_path.suffix != ".py"
+            or not collection_path.name.startswith("test_")):
+        return None
+    return "serial" not in collection_path.read_text(encoding="utf-8") or None
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     """pytest-xdist, in the controlling process: a worker's measurements."""

@@ -71,7 +71,7 @@ def _blob(n: int, size: int = 1000) -> bytes:
 def _complete(db, job, study, value: float, body: bytes) -> int:
     """One trial as the runner ends it: the model saved, then the value told."""
     trial = study.ask()
-    WorkerArtifacts(db, job.id, study).save_model(trial, body)
+    WorkerArtifacts(db, job.id).save_model(trial, body)
     study.tell(trial, value)
     return trial.number
 
@@ -133,7 +133,7 @@ def test_a_model_saved_before_its_trial_is_told_survives_anothers_retain(open_db
     _complete(db, job, study, 0.5, _blob(0))
     late = study.ask()
     body = _blob(1)
-    WorkerArtifacts(db, job.id, study).save_model(late, body)
+    WorkerArtifacts(db, job.id).save_model(late, body)
     artifacts.retain(db, job.id)  # the other worker settles its trial
     assert late.number in _by_trial(db, job.id, MODEL)
     study.tell(late, 0.9)
@@ -163,7 +163,7 @@ def _retry(study, failed_number: int) -> optuna.Trial:
 def test_checkpoints_keep_the_latest_and_a_retry_resumes_the_chain(open_db):
     db = open_db()
     job, study = _job(db)
-    arts = WorkerArtifacts(db, job.id, study)
+    arts = WorkerArtifacts(db, job.id)
     first = study.ask()
     arts.save_checkpoint(first, b"epoch-2")
     arts.save_checkpoint(first, b"epoch-4")
@@ -191,7 +191,7 @@ def test_checkpoints_keep_the_latest_and_a_retry_resumes_the_chain(open_db):
 def test_retain_drops_finished_trials_checkpoints_then_all_once_the_job_ends(open_db):
     db = open_db()
     job, study = _job(db)
-    arts = WorkerArtifacts(db, job.id, study)
+    arts = WorkerArtifacts(db, job.id)
     trials = {state: study.ask() for state in ("complete", "pruned", "fail", "running")}
     for name, trial in trials.items():
         arts.save_checkpoint(trial, name.encode())
@@ -214,7 +214,7 @@ def test_retain_drops_finished_trials_checkpoints_then_all_once_the_job_ends(ope
 def test_owner_quota_skips_models_and_checkpoints_without_error(open_db):
     db = open_db(max_artifact_bytes_per_owner=MIB)
     job, study = _job(db, owner="alice")
-    arts = WorkerArtifacts(db, job.id, study)
+    arts = WorkerArtifacts(db, job.id)
     kept = _complete(db, job, study, 0.5, _blob(0, 700_000))
     over = study.ask()
     arts.save_model(over, _blob(1, 400_000))  # 1_100_000 > 1 MiB: not stored, no exception
@@ -234,7 +234,7 @@ def test_owner_quota_skips_models_and_checkpoints_without_error(open_db):
     other, other_study = _job(db, owner="bob")
     body = _blob(3, 700_000)
     number = _complete(db, other, other_study, 0.5, body)
-    WorkerArtifacts(db, other.id, other_study).save_checkpoint(other_study.ask(), b"x" * 1000)
+    WorkerArtifacts(db, other.id).save_checkpoint(other_study.ask(), b"x" * 1000)
     assert artifacts.job_artifact_bytes(db, other.id) == {CHECKPOINT: 1000, MODEL: 700_000}
     _, artifact_id = artifacts.model_of(db, other, number)
     assert ArtifactStore(db).read(artifact_id) == body
@@ -246,7 +246,7 @@ def test_quota_counts_every_job_of_the_owner(open_db):
     b, study_b = _job(db)
     _complete(db, a, study_a, 0.5, _blob(0, 600_000))
     trial = study_b.ask()
-    WorkerArtifacts(db, b.id, study_b).save_model(trial, _blob(1, 600_000))
+    WorkerArtifacts(db, b.id).save_model(trial, _blob(1, 600_000))
     assert "model_not_kept" in study_b.trials[trial.number].user_attrs
     assert _rows(db, b.id) == {}
 
@@ -255,7 +255,7 @@ def test_delete_job_removes_every_artifact(open_db):
     db = open_db()
     job, study = _job(db)
     keep, _ = _job(db)  # another job of the owner: untouched
-    arts = WorkerArtifacts(db, job.id, study)
+    arts = WorkerArtifacts(db, job.id)
     _complete(db, job, study, 0.5, _blob(0, 3000))
     _complete(db, job, study, 0.7, _blob(1, 2000))
     running = study.ask()
@@ -285,7 +285,7 @@ def test_saved_artifact_ids_are_uuid4(open_db):
     """Every id our save paths make is a uuid4: nothing a user sends names a file."""
     db = open_db()
     job, study = _job(db)
-    arts = WorkerArtifacts(db, job.id, study)
+    arts = WorkerArtifacts(db, job.id)
     trial = study.ask()
     arts.save_checkpoint(trial, b"a")
     arts.save_checkpoint(trial, b"b")
