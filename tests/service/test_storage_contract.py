@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import datetime
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
+from benchmarks.report_scale import add_trials, synthetic_trial
 from search import ATTR_STOP_CAUSE, JobSpec, StopCause
 from service import jobs, reaper, scheduler, trial_store
 from service.migrate import upgrade
@@ -190,6 +192,44 @@ def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
     reaper.reap(db)
     # An ended job keeps nothing queued or running.
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+
+
+def test_a_reaper_round_reads_the_same_trials_however_many_have_finished(db, monkeypatch):
+    """A round reads a job's RUNNING and FAIL trials, not its finished ones: with a live
+    trial and a failed one already retried, it costs the same with 10 finished trials as
+    with 400."""
+    built = []
+    real = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
+
+    def counted(storage, model):
+        built.append(model.trial_id)
+        return real(storage, model)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_build_frozen_trial_from_trial_model",
+                        counted)
+    read = {}
+    for n_finished in (10, 400):
+        job_id, study = _job(db, n_trials=n_finished + 5)
+        rng, start = random.Random(n_finished), datetime(2025, 1, 1)
+        finished = [t for t in (synthetic_trial(i, rng, start) for i in range(2 * n_finished))
+                    if t.state != TrialState.FAIL][:n_finished]  # a FAIL would be retried
+        for number, t in enumerate(finished):
+            t.number = number
+        add_trials(db.storage, study, finished)
+        failed = _claim_and_ask(db, job_id, study.study_name)
+        study.tell(failed, state=TrialState.FAIL)
+        running = _claim_and_ask(db, job_id, study.study_name)
+        db.storage.record_heartbeat(running._trial_id)
+        reaper.reap(db)  # queues the failed trial's retry (that reads the whole study)
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        assert [t.system_attrs["failed_trial"] for t in waiting] == [failed.number]
+        built.clear()
+        reaper.reap(db)  # a round with nothing to do: what most rounds are
+        read[n_finished] = len(built)
+        assert study.get_trials(states=(TrialState.RUNNING,))[0].number == running.number
+        jobs.cancel_job(db, None, job_id)
+        reaper.reap(db)  # the next job's round looks at that one alone
+    assert read[10] == read[400] <= 10, read
 
 
 def test_state_change_is_atomic_between_tell_and_reaper(db):
