@@ -116,7 +116,9 @@ def _reap_job(db: Database, job: Job) -> None:
     """
     # Optuna storage calls ride out outages themselves (ResilientRDBStorage); plain SQL goes
     # through DB_RETRY.
-    study = load_job_study(db, job)
+    if DB_RETRY(trial_store.running_and_failed, db, job.study_name) == (0, 0):
+        return  # nothing running, nothing failed: most rounds for most jobs, in one query
+    study = load_job_study(db, job)  # StudyMissing if the study is gone
     dead = _dead_trials(db, job, study)
     if not dead and not _unretried_failures(db, job, study):
         return

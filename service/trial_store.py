@@ -63,6 +63,7 @@ __all__ = [
     "page_trials",
     "read_page",
     "retried_trial_numbers",
+    "running_and_failed",
     "running_trials_without_heartbeat",
     "slots_and_running",
     "slots_in_use",
@@ -246,6 +247,12 @@ _TRIAL_STATE_COUNTS = text(
     "SELECT CAST(t.state AS VARCHAR(16)) AS state, COUNT(*) AS n FROM trials t "
     "JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :name "
     "GROUP BY t.state")
+_RUNNING_AND_FAILED = text(
+    "SELECT COUNT(CASE WHEN CAST(t.state AS VARCHAR(16)) = 'RUNNING' THEN 1 END) AS running, "
+    "COUNT(CASE WHEN CAST(t.state AS VARCHAR(16)) = 'FAIL' THEN 1 END) AS failed "
+    "FROM studies s LEFT JOIN trials t ON t.study_id = s.study_id AND "
+    "CAST(t.state AS VARCHAR(16)) IN ('RUNNING', 'FAIL') "
+    "WHERE s.study_name = :name GROUP BY s.study_id")
 _SLOTS_IN_USE = text(
     "SELECT s.study_name AS name, COUNT(t.trial_id) AS n FROM studies s "
     "LEFT JOIN trials t ON t.study_id = s.study_id AND "
@@ -416,6 +423,13 @@ def trial_state_counts(db: Database, study_name: str) -> dict[str, int]:
     with db.session() as s:
         rows = s.execute(_TRIAL_STATE_COUNTS, {"name": study_name}).all()
     return {str(r.state): int(r.n) for r in rows}
+
+
+def running_and_failed(db: Database, study_name: str) -> tuple[int, int] | None:
+    """How many of the study's trials are RUNNING and FAIL; None if there is no such study."""
+    with db.session() as s:
+        row = s.execute(_RUNNING_AND_FAILED, {"name": study_name}).first()
+    return None if row is None else (int(row.running), int(row.failed))
 
 
 def slots_in_use(db: Database, study_names: list[str]) -> dict[str, int]:

@@ -108,6 +108,8 @@ def test_named_queries_agree_with_optuna(db):
     assert trial_store.slots_and_running(db, [name]) == {name: (5, 2)}
     assert trial_store.slots_in_use(db, []) == {} == trial_store.slots_and_running(db, [])
     assert trial_store.studies_with_unfinished_trials(db) == [name]
+    assert trial_store.running_and_failed(db, name) == (2, 1)
+    assert trial_store.running_and_failed(db, "no-such-study") is None
     assert trial_store.running_trials_without_heartbeat(db, name) == [
         trial_store.trial_id(silent)]
     assert trial_store.retried_trial_numbers(db, name) == {failed.number}
@@ -123,6 +125,7 @@ def test_named_queries_agree_with_optuna(db):
     assert not trial_store.owner_has_study(db, "bob", sid)
     assert trial_store.trial_study_id(db, trial_store.trial_id(done)) == sid
     assert trial_store.trial_study_id(db, 10**9) is None
+    assert trial_store.running_and_failed(db, _study(db, "job-empty").study_name) == (0, 0)
 
 
 def test_trial_page_agrees_with_optuna(db):
