@@ -26,8 +26,8 @@ N_THREADS = 6
 
 
 def _settings(url: str, **kw) -> Settings:
-    return Settings(database_url=url, heartbeat_interval=1, grace_period=2,
-                    max_trial_retries=2, **kw)
+    return Settings(**{"database_url": url, "heartbeat_interval": 1, "grace_period": 2,
+                       "max_trial_retries": 2, **kw})
 
 
 def _open(url: str, **kw) -> jobs.Database:
@@ -194,10 +194,12 @@ def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
 
 
-def test_a_reaper_round_reads_the_same_trials_however_many_have_finished(db, monkeypatch):
+def test_a_reaper_round_reads_the_same_trials_however_many_have_finished(backend, db,
+                                                                        monkeypatch):
     """A round reads a job's RUNNING and FAIL trials, not its finished ones: with a live
     trial and a failed one already retried, it costs the same with 10 finished trials as
     with 400."""
+    db = _open(backend.url, grace_period=3600)  # the live trial stays live on a slow machine
     built = []
     real = optuna.storages.RDBStorage._build_frozen_trial_from_trial_model
 
@@ -213,7 +215,8 @@ def test_a_reaper_round_reads_the_same_trials_however_many_have_finished(db, mon
         rng, start = random.Random(n_finished), datetime(2025, 1, 1)
         finished = [t for t in (synthetic_trial(i, rng, start) for i in range(2 * n_finished))
                     if t.state != TrialState.FAIL][:n_finished]  # a FAIL would be retried
-        for number, t in enumerate(finished):
+        first = len(study.get_trials(deepcopy=False))  # after the queued warm-start trial
+        for number, t in enumerate(finished, start=first):
             t.number = number
         add_trials(db.storage, study, finished)
         failed = _claim_and_ask(db, job_id, study.study_name)
@@ -227,8 +230,11 @@ def test_a_reaper_round_reads_the_same_trials_however_many_have_finished(db, mon
         reaper.reap(db)  # a round with nothing to do: what most rounds are
         read[n_finished] = len(built)
         assert study.get_trials(states=(TrialState.RUNNING,))[0].number == running.number
+        study.tell(running, 0.5)
         jobs.cancel_job(db, None, job_id)
-        reaper.reap(db)  # the next job's round looks at that one alone
+        reaper.reap(db)  # fails the queued retry: the job holds nothing unfinished
+        assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    db.dispose()
     assert read[10] == read[400] <= 10, read
 
 
