@@ -76,7 +76,7 @@ def test_models_on_s3_kept_read_and_deleted(s3_endpoint, tmp_path):
     for value in (0.5, 0.9, 0.7, 0.8):
         trial = study.ask()
         bodies[trial.number] = os.urandom(3000)
-        WorkerArtifacts(db, job.id, study).save_model(trial, bodies[trial.number])
+        WorkerArtifacts(db, job.id).save_model(trial, bodies[trial.number])
         study.tell(trial, value)
     assert len(_objects()) == 4  # the bytes are in the bucket, not the database
     artifacts.retain(db, job.id)
