@@ -42,7 +42,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from benchmarks.report_scale import add_trials, synthetic_trial  # noqa: E402
 from search import JobSpec  # noqa: E402
-from service import jobs, reaper, scheduler  # noqa: E402
+from service import jobs, reaper, scheduler, trial_store  # noqa: E402
 from service.migrate import upgrade  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -60,15 +60,15 @@ def _round_ms(db) -> float:
     return statistics.median(times)
 
 
-def _running_job(db, n_finished: int) -> tuple[int, optuna.Study, optuna.Trial]:
+def _running_job(db) -> tuple[optuna.Study, optuna.Trial]:
     spec = JobSpec.model_validate({"name": "running", "n_trials": 10_000})
     job = jobs.create_job(db, "alice", spec)
     study = optuna.load_study(study_name=job.study_name, storage=db.storage)
     with db.job_lock(job.id):
         assert scheduler.claim_slot(db, job.id) is not None
         trial = study.ask()
-    db.storage.record_heartbeat(trial._trial_id)
-    return job.id, study, trial
+    db.storage.record_heartbeat(trial_store.trial_id(trial))
+    return study, trial
 
 
 def _add_finished(db, study: optuna.Study, n: int) -> None:
@@ -101,7 +101,7 @@ def main() -> int:
             jobs.create_job(db, "alice", JobSpec.model_validate({"name": f"q{i}",
                                                                  "n_trials": 10}))
         queued_ms = _round_ms(db)
-        _, study, trial = _running_job(db, args.finished)
+        study, trial = _running_job(db)
         _add_finished(db, study, 10)
         small_ms = _round_ms(db)
         _add_finished(db, study, args.finished - 10)
