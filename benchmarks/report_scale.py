@@ -41,6 +41,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import optuna
+import sqlalchemy as sa
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
@@ -119,38 +120,48 @@ def synthetic_trial(i: int, rng: random.Random, start: datetime) -> FrozenTrial:
     return trial
 
 
-def _trial_row(study_id: int, t: FrozenTrial) -> models.TrialModel:
-    value_rows = []
+def _children(trial_id: int, t: FrozenTrial) -> dict[type, list[dict[str, Any]]]:
+    """The rows of `t`'s values, parameters, user attributes and intermediate values."""
+    rows: dict[type, list[dict[str, Any]]] = {}
     if t.values:
         v, kind = models.TrialValueModel.value_to_stored_repr(t.value)
-        value_rows.append(models.TrialValueModel(objective=0, value=v, value_type=kind))
-    row = models.TrialModel(
-        number=t.number, study_id=study_id, state=t.state, values=value_rows,
-        params=[models.TrialParamModel(
-            param_name=k, param_value=t.distributions[k].to_internal_repr(v),
-            distribution_json=optuna.distributions.distribution_to_json(t.distributions[k]))
-            for k, v in t.params.items()],
-        user_attributes=[models.TrialUserAttributeModel(key=k, value_json=json.dumps(v))
-                         for k, v in t.user_attrs.items()],
-        intermediate_values=[models.TrialIntermediateValueModel(
-            step=s, intermediate_value=models.TrialIntermediateValueModel
-            .intermediate_value_to_stored_repr(v)[0],
-            intermediate_value_type=models.TrialIntermediateValueModel
-            .intermediate_value_to_stored_repr(v)[1]) for s, v in t.intermediate_values.items()])
-    row.datetime_start, row.datetime_complete = t.datetime_start, t.datetime_complete
-    return row
+        rows[models.TrialValueModel] = [
+            {"trial_id": trial_id, "objective": 0, "value": v, "value_type": kind}]
+    rows[models.TrialParamModel] = [
+        {"trial_id": trial_id, "param_name": k,
+         "param_value": t.distributions[k].to_internal_repr(v),
+         "distribution_json": optuna.distributions.distribution_to_json(t.distributions[k])}
+        for k, v in t.params.items()]
+    rows[models.TrialUserAttributeModel] = [
+        {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+        for k, v in t.user_attrs.items()]
+    stored = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr
+    rows[models.TrialIntermediateValueModel] = [
+        {"trial_id": trial_id, "step": step, "intermediate_value": stored(v)[0],
+         "intermediate_value_type": stored(v)[1]}
+        for step, v in t.intermediate_values.items()]
+    return rows
 
 
 def add_trials(storage: optuna.storages.RDBStorage, study: optuna.Study,
                trials: list[FrozenTrial]) -> None:
-    """Write `trials` (numbered from the study's count on) into the study's tables at once."""
-    session = storage.scoped_session()
-    try:
-        study_id = study._study_id
-        session.add_all([_trial_row(study_id, t) for t in trials])
-        session.commit()
-    finally:
-        session.close()
+    """Write `trials` (numbered as they are) into the study's tables in one transaction, as
+    bulk inserts (the ORM's unit of work took seconds for 2,000 trials)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    with storage.engine.begin() as conn:
+        ids = conn.scalars(
+            sa.insert(models.TrialModel.__table__).returning(
+                models.TrialModel.__table__.c.trial_id, sort_by_parameter_order=True),
+            [{"number": t.number, "study_id": study_id, "state": t.state,
+              "datetime_start": t.datetime_start, "datetime_complete": t.datetime_complete}
+             for t in trials]).all()
+        tables: dict[type, list[dict[str, Any]]] = {}
+        for trial_id, t in zip(ids, trials, strict=True):
+            for model, rows in _children(trial_id, t).items():
+                tables.setdefault(model, []).extend(rows)
+        for model, rows in tables.items():
+            if rows:
+                conn.execute(sa.insert(model.__table__), rows)
 
 
 def build_study(url: str, n_trials: int, name: str | None = None, seed: int = 0

@@ -25,7 +25,6 @@ import uuid
 from typing import BinaryIO
 
 import optuna
-from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy import delete, func, select
 
 from service import trial_store
@@ -38,6 +37,9 @@ from trainer import Direction
 from trainer.vocab import Metric
 
 log = logging.getLogger("hptune.artifacts")
+
+# optuna.artifacts (and with it boto3, where installed) is imported where bytes are read or
+# written, not with this module: the API imports it at start and rarely serves a model.
 
 CHECKPOINT, MODEL = "checkpoint", "model"
 S3_PREFIX = "s3://"
@@ -66,6 +68,8 @@ class ArtifactStore:
         with self.db.session() as s:
             body = s.scalar(select(Artifact.body).where(Artifact.id == artifact_id))
         if body is None:
+            from optuna.artifacts.exceptions import ArtifactNotFound
+
             raise ArtifactNotFound(f"artifact {artifact_id} not found")
         return io.BytesIO(body)
 
@@ -75,6 +79,8 @@ class ArtifactStore:
 
     def remove(self, artifact_id: str) -> None:
         if self.files is not None:
+            from optuna.artifacts.exceptions import ArtifactNotFound
+
             with contextlib.suppress(ArtifactNotFound, FileNotFoundError):
                 self.files.remove(artifact_id)
         with self.db.session() as s:
@@ -153,6 +159,8 @@ class WorkerArtifacts:
                 .order_by(Artifact.created_at.desc()).limit(1))
         if artifact_id is None:
             return None
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
         try:
             return self.store.read(artifact_id)
         except ArtifactNotFound:

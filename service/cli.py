@@ -5,30 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
-import subprocess
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
+from service.cli_demo import demo_app
 from service.cli_lifecycle import lifecycle_app
 from service.cli_models import models_app, write_output
 from service.cli_trials import trials_app
-from service.client import ApiError, Client, print_report, watch
 from service.spawn import (
-    WORKER_STOP_TIMEOUT_S,
-    cli_create_key,
-    free_port,
-    spawn_service,
     spawn_workers,
     stop_workers,
-    wait_healthy,
 )
+
+if TYPE_CHECKING:
+    from service.client import Client
+
+# service.client (httpx, rich's progress) is imported by the commands that call the API:
+# `python -m service serve` and `worker`, which the service spawns, do not need it.
 
 app = typer.Typer(help="hptune: hyperparameter tuning jobs over REST.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -38,6 +37,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(lifecycle_app)  # `extend` and `resume` (service/cli_lifecycle.py)
 app.add_typer(models_app)  # `model` and `predict` (service/cli_models.py)
 app.add_typer(trials_app)  # `trials` (service/cli_trials.py)
+app.add_typer(demo_app)  # `demo` (service/cli_demo.py)
 
 console = Console()
 # Messages are not wrapped: they may be read by scripts as much as by people.
@@ -45,24 +45,6 @@ err = Console(stderr=True, soft_wrap=True)
 
 UrlOpt = Annotated[str, typer.Option(envvar="HPTUNE_URL", help="API base URL.")]
 KeyOpt = Annotated[str | None, typer.Option(envvar="HPTUNE_API_KEY", help="API key.")]
-
-DEMO_SPEC = {
-    "name": "digits-demo",
-    "dataset": "digits",
-    "n_trials": 20,
-    "max_epochs": 30,
-    "metric": "val_accuracy",
-    "search_space": {
-        "learning_rate": {"low": 1e-4, "high": 0.3, "log": True},
-        "batch_size": {"choices": [16, 32, 64, 128, 256]},
-        "dropout": {"low": 0.0, "high": 0.6},
-        "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
-    },
-    "sampler": {"name": "tpe", "seed": 0},
-    "pruner": {"name": "hyperband"},
-    "early_stopping": {"patience": 5, "min_delta": 0.0},
-    "model": {"hidden_layers": [128, 64], "activation": "relu", "optimizer": "adam"},
-}
 
 
 def _setup_logging() -> None:
@@ -85,6 +67,8 @@ def _settings():
 
 
 def _client(url: str, key: str | None) -> Client:
+    from service.client import Client
+
     if not key:
         err.print("[red]no API key: pass --key or set HPTUNE_API_KEY "
                   "(create one with `hptune keys create --owner NAME`)")
@@ -93,6 +77,8 @@ def _client(url: str, key: str | None) -> Client:
 
 
 def _api_call(fn, *args):
+    from service.client import ApiError
+
     try:
         return fn(*args)
     except ApiError as exc:
@@ -232,6 +218,8 @@ def submit(
                       ] = False,
 ) -> None:
     """Submit a job spec; prints the job id."""
+    from service.client import print_report, watch
+
     try:
         spec = json.loads(file.read_text())
     except ValueError as exc:
@@ -267,6 +255,8 @@ def list_jobs(url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None) -> None
 @app.command("watch")
 def watch_job(job_id: int, url: UrlOpt = "http://127.0.0.1:8000", key: KeyOpt = None) -> None:
     """Follow a job with a progress bar until it ends."""
+    from service.client import watch
+
     job = _api_call(watch, _client(url, key), job_id, console)
     console.print(f"job {job_id} {job['status']}")
 
@@ -292,6 +282,8 @@ def report(
         "--output", "-o", dir_okay=False, help="Write the report to this file.")] = None,
 ) -> None:
     """Print the early-stopped trial report of a job, or save it as JSON, HTML or CSV."""
+    from service.client import print_report
+
     if format_ is None and output is not None:
         try:
             format_ = ReportFormat(output.suffix.removeprefix(".").lower())
@@ -339,57 +331,6 @@ def dashboard(
     upgrade(db)  # the sessions table, should this start before the API has upgraded
     console.print(f"optuna-dashboard on http://{host}:{port}{LOGIN_PATH}", soft_wrap=True)
     uvicorn.run(create_dashboard_app(db), host=host, port=port, log_level="warning")
-
-
-@app.command()
-def demo(
-    workdir: Annotated[Path, typer.Option(help="Where the demo's database and logs go.")
-                       ] = Path("hptune-demo"),
-    workers: Annotated[int, typer.Option(min=1)] = 2,
-    keep: Annotated[bool, typer.Option("--keep", help="Keep the server up afterwards.")
-                    ] = False,
-) -> None:
-    """Start the service on a fresh SQLite file, run a 20-trial digits job, print its report."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    db_path = (workdir / "hptune.db").resolve()
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    env = {**os.environ, "HPTUNE_DATABASE_URL": f"sqlite:///{db_path}"}
-    spec_path = workdir / "job.json"
-    spec_path.write_text(json.dumps(DEMO_SPEC, indent=2))
-    key = cli_create_key(env, "demo", timeout=None)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = workdir / "serve.log"
-    console.print(f"starting hptune on {url} with {workers} workers (log: {log_path})")
-    with open(log_path, "w") as log_file:
-        server = spawn_service(["serve", "--port", str(port), "--workers", str(workers)],
-                               env, log_file)
-    try:
-        client = Client(url, key)
-        if not wait_healthy(url, server, timeout_s=60, interval_s=0.3):
-            err.print(f"[red]the server did not start; see {log_path}")
-            raise typer.Exit(1)
-        job = _api_call(client.submit, DEMO_SPEC)
-        console.print(f"submitted job {job['id']}: {DEMO_SPEC['n_trials']} trials of "
-                      f"{DEMO_SPEC['dataset']} (TPE sampler, Hyperband pruner, patience 5)")
-        _api_call(watch, client, job["id"], console)
-        print_report(_api_call(client.report, job["id"]), console)
-        console.print(f"\nAPI docs: [bold]{url}/docs[/]   job JSON: {url}/api/v1/jobs/{job['id']}")
-        if keep:
-            console.print(f"serving until Ctrl-C; API key: {key}")
-            server.wait()
-        else:
-            console.print("(the demo server stops now; `hptune demo --keep` keeps it up)")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=WORKER_STOP_TIMEOUT_S + 10)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
 
 if __name__ == "__main__":

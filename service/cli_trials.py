@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from service.cli_models import KeyOpt, UrlOpt, write_output
-from service.client import Client
+
+if TYPE_CHECKING:
+    from service.client import Client
 
 trials_app = typer.Typer()
 

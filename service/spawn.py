@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-import httpx
-
 # Seconds a worker gets to finish its epoch and hand back its trial after SIGTERM.
 WORKER_STOP_TIMEOUT_S = 30
 # Linux prctl option: the signal a child gets when its parent dies.
@@ -76,6 +74,8 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float,
                  interval_s: float = 0.2) -> bool:
     """Poll `url`/healthz until it answers 200 (True); False once `proc` has exited or
     `timeout_s` has passed (`proc.poll()` tells the two apart)."""
+    import httpx  # here: the processes the service spawns import this module, and need no HTTP
+
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=1) as http:  # one client: each new one builds a TLS context
         while time.monotonic() < deadline:

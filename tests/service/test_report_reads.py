@@ -20,9 +20,10 @@ from service.jobs import StudyMissing
 from service.settings import Settings
 
 
-@pytest.fixture
-def db_study(tmp_path):
-    url = f"sqlite:///{tmp_path / 'reads.db'}"
+@pytest.fixture(scope="module")
+def db_study(tmp_path_factory):
+    """A study of 2,017 trials, built once: the tests only read it."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('reads') / 'reads.db'}"
     study = optuna.create_study(storage=url, study_name="job-1", direction="maximize")
     storage = optuna.storages.RDBStorage(url)
     rng, start = random.Random(3), datetime(2025, 1, 1)
