@@ -39,7 +39,8 @@ from trainer.vocab import Metric
 log = logging.getLogger("hptune.artifacts")
 
 # optuna.artifacts (and with it boto3, where installed) is imported where bytes are read or
-# written, not with this module: the API imports it at start and rarely serves a model.
+# written, not with this module: the API imports this module at start, and seldom serves a
+# model.
 
 CHECKPOINT, MODEL = "checkpoint", "model"
 S3_PREFIX = "s3://"

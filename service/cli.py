@@ -18,10 +18,7 @@ from service.cli_demo import demo_app
 from service.cli_lifecycle import lifecycle_app
 from service.cli_models import models_app, write_output
 from service.cli_trials import trials_app
-from service.spawn import (
-    spawn_workers,
-    stop_workers,
-)
+from service.spawn import spawn_workers, stop_workers
 
 if TYPE_CHECKING:
     from service.client import Client
