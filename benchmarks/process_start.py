@@ -129,12 +129,15 @@ def main() -> None:
         lines.append(f"| {kind} | {mine[kind]:.2f} | {ref[kind]:.2f} | "
                      f"{mine[kind] / ref[kind]:.2f} |")
     table = "\n".join(lines)
+    raw = "\n".join(f"- {name} {kind}: {', '.join(f'{x:.2f}' for x in values)}"
+                    for name, kinds in figures.items() for kind, values in kinds.items())
     print(table)
+    print(raw)
     args.out.write_text(
         "# Process start-up\n\n"
         f"`{' '.join(['python', *sys.argv])}` on {datetime.now():%Y-%m-%d %H:%M}, "
         f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}: "
-        f"medians of {args.runs} alternating runs.\n\n{table}\n")
+        f"medians of {args.runs} alternating runs.\n\n{table}\n\nEvery run:\n\n{raw}\n")
 
 
 if __name__ == "__main__":
