@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import optuna
 import pytest
+from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 from benchmarks.report_scale import add_trials, synthetic_trial
@@ -175,12 +176,29 @@ def test_many_threads_never_exceed_n_trials(backend, db):
     assert scheduler.job_status(db, job_id) == "succeeded"
 
 
+def _set_back(db, trial_ids: list[int], seconds: float) -> None:
+    """The trials' start and last beat moved `seconds` into the past, as if that long had gone
+    by (the beat is compared with the database's own clock, which a test cannot move)."""
+    session = db.storage.scoped_session()
+    try:
+        ago = timedelta(seconds=seconds)
+        for model in (models.TrialModel, models.TrialHeartbeatModel):
+            for row in session.query(model).filter(model.trial_id.in_(trial_ids)):
+                if model is models.TrialModel:
+                    row.datetime_start -= ago
+                else:
+                    row.heartbeat -= ago
+        session.commit()
+    finally:
+        session.close()
+
+
 def test_reaper_fails_silent_and_stale_trials_and_queues_retries(db):
     job_id, study = _job(db, n_trials=2)
     silent = _claim_and_ask(db, job_id, study.study_name)  # never beats: died at once
     beating = _claim_and_ask(db, job_id, study.study_name)
     db.storage.record_heartbeat(beating._trial_id)  # beat once, then died
-    time.sleep(db.settings.grace_period + 1.5)
+    _set_back(db, [silent._trial_id, beating._trial_id], db.settings.grace_period + 1.5)
     reaper.reap(db)
     states = {t.number: t.state for t in study.get_trials()}
     assert states[silent.number] == TrialState.FAIL
