@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.spawn import free_port, spawn_service, wait_healthy
+from service.spawn import free_port, spawn_service, tls_context, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 # The lines of the `measure` fixture (tests/service/conftest.py), printed in a "measurements"
@@ -98,7 +98,7 @@ class Server:
     def client(self, owner: str = "alice") -> httpx.Client:
         if owner not in self.keys:
             self.keys[owner] = create_key(self.env, owner)
-        return httpx.Client(base_url=self.url, timeout=30,
+        return httpx.Client(base_url=self.url, timeout=30, verify=tls_context(),
                             headers={"Authorization": f"Bearer {self.keys[owner]}"})
 
     def wait_job(self, client: httpx.Client, job_id: int, timeout_s: float = 300) -> dict:

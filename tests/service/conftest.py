@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.spawn import free_port, spawn_service, wait_healthy
+from service.spawn import free_port, spawn_service, tls_context, wait_healthy
 from tests.conftest import MEASUREMENTS, ROOT, create_key_in_process
 from tests.postgres import PostgresServer, unavailable_reason
 from tests.service.crashes import CRASH_ENV
@@ -206,7 +206,7 @@ class Cluster:
     def client(self) -> httpx.Client:
         if self.key is None:
             self.key = create_key_in_process(self.url, "alice")
-        return httpx.Client(base_url=self.base_url, timeout=30,
+        return httpx.Client(base_url=self.base_url, timeout=30, verify=tls_context(),
                             headers={"Authorization": f"Bearer {self.key}"})
 
     def _api(self) -> httpx.Client:

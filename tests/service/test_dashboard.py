@@ -24,7 +24,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from service.spawn import free_port
+from service.spawn import free_port, tls_context
 from tests.conftest import ROOT, create_key, start_server, stop_server
 
 JOB = {"name": "dash", "dataset": "digits", "n_trials": 3, "max_epochs": 2,
@@ -497,7 +497,7 @@ def test_hptune_dashboard_keeps_owners_apart_under_concurrent_requests(standalon
 
     def look(who: str) -> tuple[str, set[str]]:
         r = httpx.get(f"{url}/api/studies", headers={"Authorization": f"Bearer {keys[who]}"},
-                      timeout=30)
+                      timeout=30, verify=tls_context())
         return who, _study_names(r)
 
     with ThreadPoolExecutor(12) as pool:

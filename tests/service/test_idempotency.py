@@ -29,7 +29,7 @@ from service.db import Database
 from service.errors import InvalidSpec
 from service.models import IdempotencyKey
 from service.settings import Settings
-from service.spawn import free_port
+from service.spawn import free_port, tls_context
 from tests.conftest import Server, hptune, start_server, stop_server
 from tests.service.conftest import TINY_JOB
 
@@ -304,7 +304,7 @@ def test_fifty_concurrent_posts_across_two_processes_make_one_job(backend, tmp_p
         go = threading.Barrier(50)
 
         def post(i: int) -> httpx.Response:
-            with httpx.Client(base_url=urls[i % 2], timeout=120,
+            with httpx.Client(base_url=urls[i % 2], timeout=120, verify=tls_context(),
                               headers={"Authorization": auth}) as c:
                 go.wait(timeout=60)
                 return _post_job(c, key, spec)

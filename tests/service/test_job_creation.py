@@ -26,6 +26,7 @@ from service.keys import create_key
 from service.migrate import upgrade
 from service.models import Job, utcnow
 from service.settings import Settings
+from service.spawn import tls_context
 from service.worker import Worker
 from tests.conftest import start_server, stop_server
 
@@ -248,7 +249,8 @@ def _key(url: str, owner: str) -> str:
 
 
 def _client(url: str, key: str) -> httpx.Client:
-    return httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
+    return httpx.Client(base_url=url, timeout=30, verify=tls_context(),
+                        headers={"Authorization": f"Bearer {key}"})
 
 
 @pytest.mark.parametrize(("step", "survives"), CRASH_STEPS, ids=[s for s, _ in CRASH_STEPS])

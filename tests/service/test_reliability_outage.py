@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
-
 OUTAGE_S = 20
 OUTAGE_JOB = {
     "name": "outage",
@@ -53,8 +51,8 @@ def test_postgres_outage_mid_job(postgres_backend, cluster_factory, check_trials
             assert r.status_code == 503, r.text
             assert r.headers["content-type"].startswith("application/json")
             assert r.json()["detail"] and "Traceback" not in r.text
-            codes["readyz"].append(httpx.get(f"{cluster.base_url}/readyz").status_code)
-            codes["healthz"].append(httpx.get(f"{cluster.base_url}/healthz").status_code)
+            for probe in ("readyz", "healthz"):
+                codes[probe].append(client.get(f"{cluster.base_url}/{probe}").status_code)
             if late is None and time.monotonic() - down_at > 3:
                 late = cluster.start_workers(1)[0]  # starts while the database is away
             time.sleep(1)

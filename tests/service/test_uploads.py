@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.spawn import tls_context
 from tests.conftest import create_key, start_server, stop_server
 
 # The bound the README states: one hostile upload raises the API process's peak RSS by less
@@ -235,7 +236,7 @@ def test_count_quota_holds_across_api_processes(quota_server, tmp_path):
         urls = [quota_server.url, second.url] * 4
 
         def upload(i: int) -> int:
-            with httpx.Client(base_url=urls[i], timeout=60,
+            with httpx.Client(base_url=urls[i], timeout=60, verify=tls_context(),
                               headers={"Authorization": key}) as c:
                 return _upload(c, _small_csv(seed=i)).status_code
 
