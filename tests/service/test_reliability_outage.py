@@ -52,7 +52,7 @@ def test_postgres_outage_mid_job(postgres_backend, cluster_factory, check_trials
             assert r.headers["content-type"].startswith("application/json")
             assert r.json()["detail"] and "Traceback" not in r.text
             for probe in ("readyz", "healthz"):
-                codes[probe].append(client.get(f"{cluster.base_url}/{probe}").status_code)
+                codes[probe].append(client.get(f"/{probe}").status_code)
             if late is None and time.monotonic() - down_at > 3:
                 late = cluster.start_workers(1)[0]  # starts while the database is away
             time.sleep(1)

@@ -182,12 +182,12 @@ def _set_back(db, trial_ids: list[int], seconds: float) -> None:
     session = db.storage.scoped_session()
     try:
         ago = timedelta(seconds=seconds)
-        for model in (models.TrialModel, models.TrialHeartbeatModel):
-            for row in session.query(model).filter(model.trial_id.in_(trial_ids)):
-                if model is models.TrialModel:
-                    row.datetime_start -= ago
-                else:
-                    row.heartbeat -= ago
+        trials = models.TrialModel.trial_id.in_(trial_ids)
+        for trial in session.query(models.TrialModel).filter(trials):
+            trial.datetime_start -= ago
+        beats = models.TrialHeartbeatModel.trial_id.in_(trial_ids)
+        for beat in session.query(models.TrialHeartbeatModel).filter(beats):
+            beat.heartbeat -= ago
         session.commit()
     finally:
         session.close()
